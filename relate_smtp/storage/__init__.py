@@ -1,0 +1,128 @@
+"""The store interface the handlers are written against, and its errors.
+
+Two backends implement it: :mod:`relate_smtp.storage.sqlite` (embedded default) and
+:mod:`relate_smtp.storage.postgres` (production). Every method is a plain Trio async
+function; blocking drivers and event-loop bridges stay inside the backend.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from typing import Protocol
+
+import attrs
+
+from relate_smtp.storage.records import (
+    ApiKey,
+    Attachment,
+    HeaderRecipient,
+    NewEmail,
+    RecipientRow,
+    SavedEmail,
+    StoredEmail,
+    User,
+    link_recipients,
+)
+
+__all__ = [
+    "AdminStore",
+    "ApiKey",
+    "Attachment",
+    "HeaderRecipient",
+    "NewEmail",
+    "PoolStats",
+    "RecipientRow",
+    "SavedEmail",
+    "SchemaMissing",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredEmail",
+    "User",
+    "link_recipients",
+]
+
+
+class StoreError(Exception):
+    """Base class of storage failures."""
+
+
+class StoreUnavailable(StoreError):
+    """A transient failure (database down, connection dropped, disk full, lock timeout).
+
+    Callers answer 4xx (451 4.3.0, 454 4.7.0) so the client retries; never 5xx.
+    """
+
+
+class SchemaMissing(StoreError):
+    """The database is reachable but lacks the Relate tables (run ``relate-smtp db init``)."""
+
+
+@attrs.frozen(kw_only=True)
+class PoolStats:
+    active: int
+    maximum: int
+
+
+class Store(Protocol):
+    """What the SMTP session needs from a database."""
+
+    async def find_user_by_address(self, address: str) -> User | None:
+        """The user whose primary address, or a verified additional address, is ``address``
+        (case-insensitive)."""
+        ...
+
+    async def user_addresses(self, user_id: uuid.UUID) -> tuple[str, ...]:
+        """The user's primary and verified additional addresses, lower-cased."""
+        ...
+
+    async def candidate_api_keys(self, user_id: uuid.UUID, prefix: str) -> Sequence[ApiKey]:
+        """The user's non-revoked keys whose ``KeyPrefix`` is ``prefix`` or null (legacy)."""
+        ...
+
+    async def touch_api_keys(self, last_used: Mapping[uuid.UUID, datetime]) -> None:
+        """Set ``LastUsedAt`` for many keys in one go."""
+        ...
+
+    async def save_email(self, email: NewEmail) -> SavedEmail:
+        """Insert the e-mail, its recipients and attachments in one transaction.
+
+        Resolves user links (:func:`link_recipients`) and the thread id (parent found by
+        ``in_reply_to`` → parent's ThreadId or Id) inside that transaction. Raises
+        :class:`StoreUnavailable` on transient failure, leaving nothing behind.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """A trivial query; raises :class:`StoreUnavailable` when it fails."""
+        ...
+
+    def pool_stats(self) -> PoolStats: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AdminStore(Store, Protocol):
+    """Operations of the command line (``users``, ``keys``, ``mail``, ``db init``)."""
+
+    async def create_user(
+        self, email: str, *, display_name: str | None, aliases: Collection[str]
+    ) -> User: ...
+
+    async def create_api_key(
+        self, user_id: uuid.UUID, *, name: str, key_hash: str, key_prefix: str, scopes: str
+    ) -> ApiKey: ...
+
+    async def list_api_keys(self, user_id: uuid.UUID) -> Sequence[ApiKey]: ...
+
+    async def revoke_api_key(self, key_id: uuid.UUID) -> bool:
+        """Set ``RevokedAt``; False when no such (non-revoked) key exists."""
+        ...
+
+    async def list_emails(self, limit: int = 50) -> Sequence[StoredEmail]:
+        """Most recent first, without bodies' attachments content."""
+        ...
+
+    async def get_email(self, email_id: uuid.UUID) -> StoredEmail | None: ...
