@@ -1,0 +1,408 @@
+"""AUTH decisions: API keys checked against the store, with a rate limiter and a result cache.
+
+SPEC §3 is the authority. The session hands :meth:`Authenticator.authenticate` the
+SASL username and password and the client IP, and turns the :class:`AuthOutcome` into a
+reply (SUCCESS → 235 2.7.0, FAILED → 535 5.7.8, BLOCKED and TEMPORARY → 454 4.7.0).
+Raw passwords are never logged or kept; usernames may be logged.
+
+``LastUsedAt`` is written by :class:`LastUsedUpdater`, a background task fed through a
+bounded channel, so a slow database never delays an AUTH reply.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import attrs
+import trio
+
+from relate_smtp.config import SecuritySettings
+from relate_smtp.handlers.apikeys import has_smtp_scope, key_prefix, verify_api_key
+from relate_smtp.handlers.ratelimit import RateLimiter
+from relate_smtp.storage import ApiKey, Store, StoreError
+
+__all__ = [
+    "CACHE_TTL_SECONDS",
+    "AuthOutcome",
+    "AuthResult",
+    "AuthStats",
+    "Authenticator",
+    "CachedResult",
+    "LastUsedUpdater",
+    "ResultCache",
+]
+
+logger = logging.getLogger("relate_smtp.auth")
+
+# SPEC §3: long enough that a client logging in for every message pays bcrypt about
+# once per burst, short enough that a revoked key stops working within half a minute.
+CACHE_TTL_SECONDS = 30.0
+
+# Distinct credentials seen within one TTL; failures are cached too, so a password
+# spray fills it, and the cap keeps that to a few MB.
+DEFAULT_CACHE_ENTRIES = 10_000
+
+# A bcrypt hash at BCrypt.Net's default cost (11) of a random string nobody knows.
+# Verified against when no real key is a candidate, so that an unknown user, or a user
+# with no SMTP key, takes as long to refuse as a wrong key (no address enumeration by
+# timing).
+_DUMMY_HASH = "$2b$11$NzSc8mjaxyTngWOoPCKUoOsXmXqvX3sCmhjsfCGkxiBxa6xTqjr.C"
+
+
+class AuthOutcome(enum.Enum):
+    SUCCESS = "success"
+    """The key is valid: 235 2.7.0."""
+    FAILED = "failed"
+    """Unknown user, wrong key, revoked key or no smtp scope: 535 5.7.8; counted."""
+    BLOCKED = "blocked"
+    """The client IP is in backoff or locked out: 454 4.7.0; the store was not asked."""
+    TEMPORARY = "temporary"
+    """The store failed: 454 4.7.0; neither counted nor cached."""
+
+
+@attrs.frozen(kw_only=True)
+class AuthResult:
+    """What :meth:`Authenticator.authenticate` decided.
+
+    ``user_id`` and ``address`` (the login, lower-cased) are set on SUCCESS only;
+    ``retry_after`` (seconds) on BLOCKED only.
+    """
+
+    outcome: AuthOutcome
+    user_id: uuid.UUID | None = None
+    address: str | None = None
+    retry_after: float | None = None
+
+
+@attrs.define
+class AuthStats:
+    """Counters for the metrics endpoint; plain ints, read by whoever exports them."""
+
+    successes: int = 0
+    failures: int = 0
+    blocked: int = 0
+    temporary: int = 0
+    cache_hits: int = 0
+    bcrypt_verifications: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class CachedResult:
+    """A definite result worth remembering: SUCCESS (with the user and key) or FAILED."""
+
+    outcome: AuthOutcome
+    user_id: uuid.UUID | None = None
+    key_id: uuid.UUID | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.outcome is AuthOutcome.SUCCESS:
+            if self.user_id is None or self.key_id is None:
+                raise ValueError("a cached SUCCESS needs the user and key ids")
+        elif self.outcome is not AuthOutcome.FAILED:
+            raise ValueError(f"only SUCCESS and FAILED are cached, not {self.outcome.name}")
+
+
+_FAILED = CachedResult(outcome=AuthOutcome.FAILED)
+
+
+class ResultCache:
+    """Recent SUCCESS and FAILED results, keyed by HMAC-SHA256(salt, ``email:password``).
+
+    The key is the only trace of the password and, without the salt, cannot be tested
+    against guesses. An empty ``salt`` means a random one for this process
+    (``salt_is_ephemeral``): the cache still works, but a key derived here means nothing
+    to another process, which is fine as the cache is never shared. Entries live ``ttl``
+    seconds from when they were stored, so insertion order is expiry order and expired
+    entries are swept from the front in O(1) amortised time.
+    """
+
+    def __init__(
+        self,
+        salt: str,
+        *,
+        ttl: float = CACHE_TTL_SECONDS,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.salt_is_ephemeral = not salt
+        if self.salt_is_ephemeral:
+            logger.warning(
+                "Security:AuthenticationSalt is empty; using a random salt for this process"
+            )
+            self._salt = secrets.token_bytes(32)
+        else:
+            self._salt = salt.encode("utf-8")
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        # key → (result, expiry on the monotonic clock)
+        self._entries: OrderedDict[bytes, tuple[CachedResult, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key_for(self, email: str, password: str) -> bytes:
+        """The cache key for a login; the address is lower-cased as it is matched that way.
+
+        A colon inside the username makes ``email:password`` ambiguous, but reaching a
+        real user's entry that way needs that user's key, so it cannot be abused.
+        """
+        message = f"{email.lower()}:{password}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._salt, message, hashlib.sha256).digest()
+
+    def get(self, key: bytes) -> CachedResult | None:
+        """The unexpired result stored under ``key``, if any."""
+        self._sweep(self._clock())
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def put(self, key: bytes, result: CachedResult) -> None:
+        """Remember ``result`` for ``ttl`` seconds."""
+        now = self._clock()
+        self._entries.pop(key, None)
+        self._entries[key] = (result, now + self._ttl)
+        self._sweep(now)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def _sweep(self, now: float) -> None:
+        while self._entries:
+            key, (_, expires_at) = next(iter(self._entries.items()))
+            if now < expires_at:
+                break
+            del self._entries[key]
+
+
+class LastUsedUpdater:
+    """Writes ``SmtpApiKeys.LastUsedAt`` in the background, in batches.
+
+    The runtime starts :meth:`run` in its nursery. :meth:`enqueue` never waits: when the
+    queue is full the update is dropped and counted in ``dropped`` (a lost LastUsedAt is
+    harmless, a delayed AUTH reply is not). Each store call takes everything queued at
+    that moment, up to ``batch_size``, with one entry per key holding its latest time;
+    so the slower the database, the bigger the batches. On shutdown, :meth:`close` ends
+    the producer side and :meth:`run` returns after flushing what is still queued.
+    Store errors are logged and the batch dropped; they never reach a session.
+    """
+
+    def __init__(self, store: Store, *, capacity: int = 1024, batch_size: int = 500) -> None:
+        if capacity < 1 or batch_size < 1:
+            raise ValueError("capacity and batch_size must be at least 1")
+        self._store = store
+        self._batch_size = batch_size
+        self._send, self._receive = trio.open_memory_channel[tuple[uuid.UUID, datetime]](capacity)
+        self.dropped = 0
+        self.written = 0
+        self.failed_batches = 0
+
+    def enqueue(self, key_id: uuid.UUID, used_at: datetime) -> bool:
+        """Queue an update without waiting; False when it was dropped (full or closed)."""
+        try:
+            self._send.send_nowait((key_id, used_at))
+        except trio.WouldBlock:
+            self.dropped += 1
+            logger.debug("LastUsedAt queue full; dropped update for key %s", key_id)
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped += 1
+            logger.debug("LastUsedAt updater closed; dropped update for key %s", key_id)
+            return False
+        return True
+
+    def close(self) -> None:
+        """No more updates; :meth:`run` flushes the queue and returns."""
+        self._send.close()
+
+    async def aclose(self) -> None:
+        """Async spelling of :meth:`close`, for ``async with`` style owners."""
+        self.close()
+
+    async def run(self) -> None:
+        """Drain the queue into the store until :meth:`close` has been called."""
+        async with self._receive:
+            async for key_id, used_at in self._receive:
+                batch = {key_id: used_at}
+                while len(batch) < self._batch_size:
+                    try:
+                        key_id, used_at = self._receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    previous = batch.get(key_id)
+                    if previous is None or used_at > previous:
+                        batch[key_id] = used_at
+                await self._flush(batch)
+
+    async def _flush(self, batch: dict[uuid.UUID, datetime]) -> None:
+        try:
+            await self._store.touch_api_keys(batch)
+        except StoreError as exc:
+            self.failed_batches += 1
+            logger.warning("Could not update LastUsedAt for %d API keys: %s", len(batch), exc)
+        else:
+            self.written += len(batch)
+
+
+def _default_thread_limit() -> int:
+    # bcrypt releases the GIL, so one thread per core uses the machine without letting a
+    # burst of AUTHs queue hundreds of threads.
+    return max(2, os.cpu_count() or 2)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Authenticator:
+    """Checks AUTH credentials (SPEC §3) for every session of one server process.
+
+    Order of work, cheapest first: the IP's rate limit (a blocked IP costs nothing and
+    touches nothing) → the result cache → the store (user, then candidate keys) → bcrypt
+    in a worker thread, bounded by ``limiter``. ``clock`` (monotonic seconds) drives the
+    rate limiter and the cache; ``wall_clock`` stamps ``LastUsedAt``. ``rate_limiter`` and
+    ``cache`` may be passed in (tests, or several listeners sharing one); otherwise they
+    are built from ``settings``. Without ``last_used`` no ``LastUsedAt`` is written.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: SecuritySettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _utc_now,
+        limiter: trio.CapacityLimiter | None = None,
+        rate_limiter: RateLimiter | None = None,
+        cache: ResultCache | None = None,
+        last_used: LastUsedUpdater | None = None,
+        verify: Callable[[str, str], bool] = verify_api_key,
+    ) -> None:
+        self._store = store
+        self._wall_clock = wall_clock
+        self._limiter = (
+            limiter if limiter is not None else trio.CapacityLimiter(_default_thread_limit())
+        )
+        self.rate_limiter = (
+            rate_limiter
+            if rate_limiter is not None
+            else RateLimiter(settings.rate_limit, clock=clock)
+        )
+        self.cache = (
+            cache if cache is not None else ResultCache(settings.authentication_salt, clock=clock)
+        )
+        self._last_used = last_used
+        self._verify = verify
+        self.stats = AuthStats()
+
+    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthResult:
+        """Decide an AUTH attempt; never raises for bad input or a failing store."""
+        retry_after = self.rate_limiter.retry_after(client_ip)
+        if retry_after is not None:
+            self.stats.blocked += 1
+            # Debug, not info: a client hammering a blocked server must not flood the log.
+            logger.debug(
+                "AUTH from %s refused for %.1f s (rate limit), user %r",
+                client_ip,
+                retry_after,
+                username,
+            )
+            return AuthResult(outcome=AuthOutcome.BLOCKED, retry_after=retry_after)
+
+        cache_key = self.cache.key_for(username, password)
+        cached = self.cache.get(cache_key)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            return self._conclude(username, client_ip, cached, cache_key=None)
+
+        try:
+            user = await self._store.find_user_by_address(username)
+            candidates: Sequence[ApiKey] = ()
+            if user is not None:
+                candidates = await self._store.candidate_api_keys(user.id, key_prefix(password))
+        except StoreError as exc:
+            self.stats.temporary += 1
+            logger.warning("AUTH for %r from %s: store unavailable: %s", username, client_ip, exc)
+            return AuthResult(outcome=AuthOutcome.TEMPORARY)
+
+        if user is None:
+            await self._dummy_verify(password)
+            return self._conclude(username, client_ip, _FAILED, cache_key=cache_key)
+        matched = await self._find_matching_key(user.id, candidates, password)
+        if matched is None:
+            return self._conclude(username, client_ip, _FAILED, cache_key=cache_key)
+        return self._conclude(
+            username,
+            client_ip,
+            CachedResult(outcome=AuthOutcome.SUCCESS, user_id=user.id, key_id=matched.id),
+            cache_key=cache_key,
+        )
+
+    async def _find_matching_key(
+        self, user_id: uuid.UUID, candidates: Sequence[ApiKey], password: str
+    ) -> ApiKey | None:
+        """The first eligible key whose hash matches, prefix-matched keys before legacy ones.
+
+        Ineligible rows are skipped before paying for bcrypt. The store already leaves out
+        revoked keys and other users' keys; they are checked again here so that a store
+        bug cannot let one in. If nothing is eligible, a dummy hash is verified instead.
+        """
+        prefix = key_prefix(password)
+        by_prefix: list[ApiKey] = []
+        legacy: list[ApiKey] = []
+        for key in candidates:
+            if key.revoked_at is not None or key.user_id != user_id:
+                continue
+            if not has_smtp_scope(key.scopes):
+                continue
+            if key.key_prefix is None:
+                legacy.append(key)
+            elif key.key_prefix == prefix:
+                by_prefix.append(key)
+        eligible = by_prefix + legacy
+        if not eligible:
+            await self._dummy_verify(password)
+            return None
+        for key in eligible:
+            if await self._run_verify(password, key.key_hash):
+                return key
+        return None
+
+    async def _dummy_verify(self, password: str) -> None:
+        await self._run_verify(password, _DUMMY_HASH)
+
+    async def _run_verify(self, password: str, key_hash: str) -> bool:
+        self.stats.bcrypt_verifications += 1
+        return await trio.to_thread.run_sync(
+            self._verify, password, key_hash, limiter=self._limiter
+        )
+
+    def _conclude(
+        self, username: str, client_ip: str, result: CachedResult, *, cache_key: bytes | None
+    ) -> AuthResult:
+        """Act on a definite result: rate limiter, cache (unless it came from there), LastUsedAt."""
+        if cache_key is not None:
+            self.cache.put(cache_key, result)
+        if result.outcome is not AuthOutcome.SUCCESS or result.key_id is None:
+            self.stats.failures += 1
+            self.rate_limiter.record_failure(client_ip)
+            logger.info("AUTH failed for %r from %s", username, client_ip)
+            return AuthResult(outcome=AuthOutcome.FAILED)
+        self.stats.successes += 1
+        self.rate_limiter.record_success(client_ip)
+        if self._last_used is not None:
+            self._last_used.enqueue(result.key_id, self._wall_clock())
+        logger.info("AUTH succeeded for %r from %s", username, client_ip)
+        return AuthResult(
+            outcome=AuthOutcome.SUCCESS, user_id=result.user_id, address=username.lower()
+        )
