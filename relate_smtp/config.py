@@ -633,12 +633,18 @@ def _readable_file(key: str, value: str, cwd: str) -> str:
 
 
 def _validate_connection_string(key: str, value: str) -> str:
-    """Hook for the connection-string parser; until it is wired in, any string passes.
+    """Reject a connection string the PostgreSQL store could not use, at start-up.
 
-    Its messages must never echo the value: a connection string may hold a password.
+    The parser's messages never echo the value: a connection string may hold a password.
     """
-    if not isinstance(value, str):
-        raise ConfigError(key, "must be a string")
+    if not value:
+        return value
+    from relate_smtp.storage.connstring import parse_connection_string
+
+    try:
+        parse_connection_string(value)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
     return value
 
 

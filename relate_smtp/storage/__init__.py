@@ -107,12 +107,22 @@ class Store(Protocol):
 class AdminStore(Store, Protocol):
     """Operations of the command line (``users``, ``keys``, ``mail``, ``db init``)."""
 
+    async def init_schema(self) -> None:
+        """Create the Relate tables and indexes that are absent; never drop or alter."""
+        ...
+
     async def create_user(
         self, email: str, *, display_name: str | None, aliases: Collection[str]
     ) -> User: ...
 
     async def create_api_key(
-        self, user_id: uuid.UUID, *, name: str, key_hash: str, key_prefix: str, scopes: str
+        self,
+        user_id: uuid.UUID,
+        *,
+        name: str,
+        key_hash: str,
+        key_prefix: str | None,
+        scopes: str,
     ) -> ApiKey: ...
 
     async def list_api_keys(self, user_id: uuid.UUID) -> Sequence[ApiKey]: ...
