@@ -15,12 +15,12 @@ async def open_store(settings: Settings) -> AsyncIterator[AdminStore]:
     if settings.default_connection:
         from relate_smtp.storage.postgres import open_postgres_store
 
-        async with open_postgres_store(settings.default_connection) as store:
-            yield store
+        async with open_postgres_store(settings.default_connection) as postgres:
+            yield postgres
         return
     from relate_smtp.storage.sqlite import SqliteStore
 
-    store = await SqliteStore.open(settings.storage.sqlite_path)
+    store: AdminStore = await SqliteStore.open(settings.storage.sqlite_path)
     try:
         yield store
     finally:

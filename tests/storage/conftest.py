@@ -22,6 +22,7 @@ import trio
 
 from relate_smtp.storage import AdminStore
 from relate_smtp.storage.sqlite import SqliteStore
+from tests.storage.pg_support import Schema, open_postgres_backend
 
 TABLES = (
     "Users",
@@ -119,11 +120,28 @@ async def open_sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
         await store.aclose()
 
 
+def _postgres(schema: Schema) -> Callable[[Path], AbstractAsyncContextManager[Backend]]:
+    @asynccontextmanager
+    async def opener(tmp_path: Path) -> AsyncIterator[Backend]:
+        async with open_postgres_backend(tmp_path, schema=schema) as opened:
+            yield opened
+
+    return opener
+
+
 OPENERS: dict[str, Callable[[Path], AbstractAsyncContextManager[Backend]]] = {
     "sqlite": open_sqlite,
+    # a database set up by `relate-smtp db init`
+    "postgres": _postgres("init"),
+    # a database set up by the platform's own migrations, never touched by `db init`
+    "postgres-platform": _postgres("platform"),
 }
 
-BACKENDS = [pytest.param("sqlite", id="sqlite")]
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    pytest.param("postgres-platform", id="postgres-platform", marks=pytest.mark.postgres),
+]
 
 
 @pytest.fixture(params=BACKENDS)

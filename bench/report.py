@@ -1,0 +1,236 @@
+"""The comparison table, the machine description and the micro-benchmark figures."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from bench.scenarios import Measurement, Scenario
+
+BASELINE = "aiosmtpd"
+PRODUCT = "relate-smtp"
+
+Getter = Callable[[Measurement], float | None]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of one scenario; ``target`` is a bound on product/baseline."""
+
+    metric: str
+    get: Getter
+    target: str = ""
+    bound: float | None = None
+    higher_is_better: bool = True
+    absolute: float | None = None  # a bound on the product's own figure
+
+
+def _msgs(m: Measurement) -> float | None:
+    return m.result.msgs_per_s if m.result and m.result.messages else None
+
+
+def _mbs(m: Measurement) -> float | None:
+    return m.result.mb_per_s if m.result and m.result.messages else None
+
+
+def _p(q: float) -> Getter:
+    def get(m: Measurement) -> float | None:
+        if not m.result or not m.result.latencies_ns:
+            return None
+        return m.result.percentile_ms(q)
+
+    return get
+
+
+_TARGETS: dict[str, float] = {"c10": 1.5, "c100": 1.5, "pipelined": 2.0, "auth": 1.5}
+
+
+def rows_for(scenario: Scenario) -> list[Row]:
+    """The figures a scenario contributes to the table."""
+    if scenario.kind == "idle":
+        return [
+            Row(
+                "KiB/conn",
+                lambda m: m.kib_per_conn,
+                "≤ 8 KiB",
+                higher_is_better=False,
+                absolute=8.0,
+            )
+        ]
+    if scenario.kind == "peak":
+        return [Row("peak RSS MiB", lambda m: m.peak_rss_mib, "≤ 0.5x", 0.5, False)]
+    if scenario.spec.message_size >= 1 << 20:
+        return [Row("MB/s", _mbs, "≥ 5x", 5.0)]
+    bound = _TARGETS.get(scenario.key)
+    rows = [Row("msg/s", _msgs, f"≥ {bound:g}x" if bound else "", bound)]
+    if scenario.key == "c100":
+        rows.append(Row("p50 ms", _p(50), "", None, False))
+        rows.append(Row("p99 ms", _p(99), "≤ 0.7x", 0.7, False))
+    return rows
+
+
+def _num(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _verdict(row: Row, ratio: float | None, product: float | None) -> str:
+    if row.absolute is not None and product is not None:
+        ok = product <= row.absolute if not row.higher_is_better else product >= row.absolute
+        return f"{row.target} {'ok' if ok else 'MISS'}"
+    if row.bound is None or ratio is None:
+        return row.target
+    ok = ratio >= row.bound if row.higher_is_better else ratio <= row.bound
+    return f"{row.target} {'ok' if ok else 'MISS'}"
+
+
+def table(
+    scenarios: Sequence[Scenario],
+    names: Sequence[str],
+    results: dict[tuple[str, str], Measurement],
+) -> str:
+    """A Markdown table: one line per figure, one value column per server."""
+    header = [
+        "scenario",
+        "metric",
+        *names,
+        "ratio",
+        "target",
+        "server CPU µs/msg",
+        "CPU ratio",
+        "server CPU",
+        "generator CPU",
+        "other load",
+        "errors",
+    ]
+    lines = [header]
+    for scenario in scenarios:
+        measured = [results.get((scenario.key, name)) for name in names]
+        for index, row in enumerate(rows_for(scenario)):
+            values = [row.get(m) if m else None for m in measured]
+            base = values[names.index(BASELINE)] if BASELINE in names else None
+            prod = values[names.index(PRODUCT)] if PRODUCT in names else None
+            ratio = prod / base if base and prod is not None else None
+            first = index == 0
+            lines.append(
+                [
+                    scenario.title if first else "",
+                    row.metric,
+                    *(_cell(m, v) for m, v in zip(measured, values, strict=True)),
+                    f"{ratio:.2f}x" if ratio is not None else "-",
+                    _verdict(row, ratio, prod),
+                    _joined(measured, lambda m: _num(m.server_us_per_msg)) if first else "",
+                    _cpu_ratio(names, measured) if first else "",
+                    _joined(measured, lambda m: _pct(m.share(m.server_cpu_s))) if first else "",
+                    _joined(measured, lambda m: _pct(m.result.cpu_share if m.result else None))
+                    if first and scenario.kind != "idle"
+                    else "",
+                    _joined(measured, lambda m: _pct(m.share(m.background_cpu_s))) if first else "",
+                    _joined(measured, lambda m: str(m.result.errors) if m.result else "-")
+                    if first
+                    else "",
+                ]
+            )
+    return _render(lines)
+
+
+def _cpu_ratio(names: Sequence[str], measured: Sequence[Measurement | None]) -> str:
+    """Server CPU per message, baseline over product (above 1: the product is cheaper)."""
+    if BASELINE not in names or PRODUCT not in names:
+        return "-"
+    base = measured[names.index(BASELINE)]
+    prod = measured[names.index(PRODUCT)]
+    if base is None or prod is None:
+        return "-"
+    b, p = base.server_us_per_msg, prod.server_us_per_msg
+    return f"{b / p:.2f}x" if b and p else "-"
+
+
+def _cell(m: Measurement | None, value: float | None) -> str:
+    if m is not None and m.failure:
+        return "failed"
+    return _num(value)
+
+
+def _joined(measured: Sequence[Measurement | None], get: Callable[[Measurement], str]) -> str:
+    return " / ".join(get(m) if m else "-" for m in measured)
+
+
+def _render(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+
+    def fmt(line: list[str]) -> str:
+        cells = [
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])])
+
+
+def machine() -> str:
+    """CPU model, cores, memory, kernel, Python and package versions."""
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    versions = []
+    for package in ("relate-smtp", "aiosmtpd", "trio"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    rev = _git_rev()
+    return (
+        f"{model}, {os.cpu_count()} cores, {mem_kib / 1048576:.1f} GiB RAM; "
+        f"Linux {platform.release()}; {platform.python_implementation()} "
+        f"{platform.python_version()}; {', '.join(versions)}" + (f"; git {rev}" if rev else "")
+    )
+
+
+def _git_rev() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
+LEGEND = """\
+Values per server in column order ({names}); "a / b" cells follow the same order.
+ratio: {product} / {baseline}, checked against issue 7's target.
+server CPU µs/msg: user+system CPU of the server's process tree (/proc) per message.
+CPU ratio: {baseline} µs/msg / {product} µs/msg (above 1: {product} is cheaper per
+  message; steadier than msg/s when the machine is shared).
+server CPU, generator CPU, other load: share of one core over the measured run. The
+  load generator is this process (raw sockets, one epoll loop); "other load" is the rest
+  of the machine (/proc/stat), which competes for the same cores.
+Latency: from the write that ends the data to the 250 reply."""

@@ -1,0 +1,204 @@
+"""The scenarios of issue 7 and how one is measured against one target."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bench import servers
+from bench.loadgen import KIB, MIB, IdleConnections, LoadSpec, Result, run_load
+
+Kind = Literal["load", "idle", "peak"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A listening SMTP server; ``pid`` (when known) is measured from /proc."""
+
+    name: str
+    host: str
+    port: int
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One line of the comparison (``rows`` may add derived lines, e.g. latency)."""
+
+    key: str
+    title: str
+    kind: Kind
+    connections: int
+    spec: LoadSpec = field(default_factory=LoadSpec)
+    seconds: float = 5.0
+    quick_seconds: float = 1.0
+    warmup: float = 1.0
+    total_messages: int | None = None
+    auth: bool = False
+    idle_count: int = 2000
+    fresh_server: bool = False
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("c1", "2 KiB, 1 conn, 1 msg/conn", "load", 1),
+    Scenario("c10", "2 KiB, 10 conns, 1 msg/conn", "load", 10),
+    Scenario("c100", "2 KiB, 100 conns, 1 msg/conn", "load", 100),
+    Scenario(
+        "pipelined",
+        "2 KiB, 10 conns, 100 msg/conn, pipelined",
+        "load",
+        10,
+        LoadSpec(messages_per_connection=100),
+    ),
+    Scenario(
+        "sequential",
+        "2 KiB, 10 conns, 100 msg/conn, no pipelining",
+        "load",
+        10,
+        LoadSpec(messages_per_connection=100, pipelined=False),
+        seconds=3.0,
+        quick_seconds=1.0,
+    ),
+    Scenario("mib10", "1 MiB, 10 conns", "load", 10, LoadSpec(message_size=MIB)),
+    Scenario(
+        "mib100",
+        "1 MiB, 100 concurrent: peak RSS",
+        "peak",
+        100,
+        LoadSpec(message_size=MIB),
+        warmup=0.0,
+        total_messages=100,
+    ),
+    Scenario("auth", "2 KiB, 10 conns, AUTH PLAIN each (warm)", "load", 10, auth=True),
+    Scenario("idle", "2,000 idle conns after EHLO", "idle", 0, fresh_server=True),
+)
+
+
+@dataclass
+class Measurement:
+    """What one scenario gave on one target."""
+
+    result: Result | None = None
+    server_cpu_s: float | None = None
+    background_cpu_s: float | None = None
+    kib_per_conn: float | None = None
+    peak_rss_mib: float | None = None
+    rss_note: str = ""
+    failure: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def server_us_per_msg(self) -> float | None:
+        if self.server_cpu_s is None or not self.result or not self.result.messages:
+            return None
+        return self.server_cpu_s / self.result.messages * 1e6
+
+    def share(self, seconds: float | None) -> float | None:
+        """CPU seconds as a share of one core over the run's wall time."""
+        if seconds is None or not self.result or not self.result.wall_s:
+            return None
+        return seconds / self.result.wall_s
+
+
+def _spec(scenario: Scenario, auth: tuple[str, str] | None) -> LoadSpec:
+    spec = scenario.spec
+    if not scenario.auth:
+        return spec
+    assert auth is not None
+    return LoadSpec(
+        messages_per_connection=spec.messages_per_connection,
+        message_size=spec.message_size,
+        pipelined=spec.pipelined,
+        auth=auth,
+    )
+
+
+def _warm_up(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> None:
+    if scenario.warmup:
+        seconds = scenario.warmup / (4 if quick else 1)
+        run_load(target.host, target.port, spec, connections=scenario.connections, seconds=seconds)
+
+
+def _load(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> Result:
+    total = scenario.total_messages
+    seconds = None if total else (scenario.quick_seconds if quick else scenario.seconds)
+    return run_load(
+        target.host,
+        target.port,
+        spec,
+        connections=scenario.connections,
+        seconds=seconds,
+        total_messages=total,
+    )
+
+
+def measure(
+    target: Target, scenario: Scenario, *, quick: bool, auth: tuple[str, str] | None = None
+) -> Measurement:
+    """Run ``scenario`` against ``target`` and read the server's CPU and memory around it."""
+    pid = target.pid
+    out = Measurement()
+    if scenario.kind == "idle":
+        return _idle(target, scenario, out)
+    spec = _spec(scenario, auth)
+    _warm_up(target, scenario, spec, quick)
+    if scenario.kind == "peak" and pid is not None and not servers.reset_peak_rss(pid):
+        out.rss_note = "peak RSS since start (clear_refs not permitted)"
+    cpu0 = servers.cpu_seconds(pid) if pid else None
+    busy0 = servers.machine_busy_seconds()
+    result = _load(target, scenario, spec, quick)
+    busy = servers.machine_busy_seconds() - busy0
+    out.result = result
+    if pid is not None and cpu0 is not None:
+        out.server_cpu_s = servers.cpu_seconds(pid) - cpu0
+        out.background_cpu_s = max(0.0, busy - out.server_cpu_s - result.cpu_s)
+        if scenario.kind == "peak":
+            out.peak_rss_mib = servers.peak_rss_kib(pid) / 1024
+    return out
+
+
+def _idle(target: Target, scenario: Scenario, out: Measurement) -> Measurement:
+    pid = target.pid
+    if scenario.warmup:
+        # first sessions pay one-off costs (imports, caches): keep them out of the figure
+        warm = IdleConnections(target.host, target.port, 100)
+        warm.open()
+        warm.close()
+    idle = IdleConnections(target.host, target.port, scenario.idle_count)
+    time.sleep(0.5)
+    before = servers.rss_kib(pid) if pid else 0
+    try:
+        idle.open()
+        time.sleep(0.5)
+        after = servers.rss_kib(pid) if pid else 0
+        opened = len(idle.sockets)
+    finally:
+        idle.close()
+    out.result = idle.result
+    if opened < scenario.idle_count:
+        out.notes.append(f"only {opened} of {scenario.idle_count} sessions reached EHLO")
+    if pid and opened:
+        out.kib_per_conn = (after - before) / opened
+    return out
+
+
+def scenario_keys() -> list[str]:
+    return [scenario.key for scenario in SCENARIOS]
+
+
+def select(only: list[str] | None) -> list[Scenario]:
+    """The scenarios named in ``only`` (all when empty), in suite order."""
+    if not only:
+        return list(SCENARIOS)
+    wanted = {key.strip() for item in only for key in item.split(",") if key.strip()}
+    unknown = wanted - set(scenario_keys())
+    if unknown:
+        raise SystemExit(
+            f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from "
+            + ", ".join(scenario_keys())
+        )
+    return [scenario for scenario in SCENARIOS if scenario.key in wanted]
+
+
+__all__ = ["KIB", "SCENARIOS", "Measurement", "Scenario", "Target", "measure", "select"]

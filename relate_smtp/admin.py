@@ -1,0 +1,117 @@
+"""The administrative commands behind ``relate-smtp db|users|keys|mail`` (SPEC §9)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+
+import trio
+
+from relate_smtp.config import Settings
+from relate_smtp.handlers.apikeys import generate_api_key, hash_api_key, key_prefix
+from relate_smtp.storage import AdminStore, StoredEmail
+from relate_smtp.storage.opening import open_store
+
+
+class AdminError(Exception):
+    """A command could not be carried out; the message says why."""
+
+
+async def db_init(settings: Settings) -> None:
+    async with open_store(settings) as store:
+        await store.init_schema()
+    print("database schema is ready", file=sys.stderr)
+
+
+async def _user_id(store: AdminStore, email: str) -> uuid.UUID:
+    user = await store.find_user_by_address(email)
+    if user is None:
+        raise AdminError(f"no user with address {email!r}")
+    return user.id
+
+
+async def users_add(settings: Settings, email: str, name: str | None, aliases: list[str]) -> None:
+    async with open_store(settings) as store:
+        for address in (email, *aliases):
+            if await store.find_user_by_address(address) is not None:
+                raise AdminError(f"address {address!r} already belongs to a user")
+        user = await store.create_user(email, display_name=name, aliases=aliases)
+    print(user.id)
+
+
+async def keys_create(settings: Settings, email: str, name: str, scopes: list[str]) -> None:
+    raw = generate_api_key()
+    key_hash = await trio.to_thread.run_sync(hash_api_key, raw)
+    async with open_store(settings) as store:
+        user_id = await _user_id(store, email)
+        key = await store.create_api_key(
+            user_id,
+            name=name,
+            key_hash=key_hash,
+            key_prefix=key_prefix(raw),
+            scopes=json.dumps(scopes),
+        )
+    print(f"created key {key.id} for {email}", file=sys.stderr)
+    print(raw)
+
+
+async def keys_list(settings: Settings, email: str) -> None:
+    async with open_store(settings) as store:
+        keys = await store.list_api_keys(await _user_id(store, email))
+    for key in keys:
+        state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
+        print(
+            f"{key.id}  {key.name:<20} {key.key_prefix or '-':<12}  scopes={key.scopes}  "
+            f"{state}  last used {used}"
+        )
+
+
+async def keys_revoke(settings: Settings, key_id: uuid.UUID) -> None:
+    async with open_store(settings) as store:
+        if not await store.revoke_api_key(key_id):
+            raise AdminError(f"no active key with id {key_id}")
+    print(f"revoked key {key_id}", file=sys.stderr)
+
+
+async def mail_list(settings: Settings, limit: int) -> None:
+    async with open_store(settings) as store:
+        emails = await store.list_emails(limit)
+    for email in emails:
+        print(
+            f"{email.id}  {email.received_at:%Y-%m-%d %H:%M:%S}  "
+            f"{email.from_address:<30.30}  {email.subject:.60}"
+        )
+
+
+async def mail_show(settings: Settings, email_id: uuid.UUID) -> None:
+    async with open_store(settings) as store:
+        email = await store.get_email(email_id)
+    if email is None:
+        raise AdminError(f"no message with id {email_id}")
+    print(_render(email))
+
+
+def _render(email: StoredEmail) -> str:
+    lines = [
+        f"Id:          {email.id}",
+        f"Message-Id:  {email.message_id}",
+        f"From:        {email.from_display_name or ''} <{email.from_address}>",
+        f"Subject:     {email.subject}",
+        f"Received:    {email.received_at.isoformat()}",
+        f"Size:        {email.size_bytes}",
+        f"In-Reply-To: {email.in_reply_to or '-'}",
+        f"Thread:      {email.thread_id or '-'}",
+    ]
+    for recipient in email.recipients:
+        linked = f" (user {recipient.user_id})" if recipient.user_id else ""
+        lines.append(f"{recipient.type + ':':<13}{recipient.address}{linked}")
+    for attachment in email.attachments:
+        lines.append(
+            f"Attachment:  {attachment.file_name} ({attachment.content_type}, "
+            f"{attachment.size_bytes} bytes)"
+        )
+    lines.append("")
+    lines.append(email.text_body if email.text_body is not None else (email.html_body or ""))
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The ``relate-smtp`` command: serve, db init, users, keys, mail (SPEC §9).
+
+Every command reads the same configuration as ``serve``; every failure prints one clear
+message and exits non-zero (2 for bad configuration or start-up problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn
+
+import trio
+
+from relate_smtp.config import ConfigError, Settings, load_settings, split_overrides
+
+log = logging.getLogger("relate_smtp")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+_LOG_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "information": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "none": logging.CRITICAL + 10,
+}
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on; printed without a traceback."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relate-smtp",
+        description="SMTP host of the Relate mail platform.",
+        epilog="Configuration overrides use ASP.NET syntax: --Smtp:Port=2587",
+    )
+    parser.add_argument("--config", metavar="FILE", help="appsettings.json to read")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the SMTP server")
+    serve.add_argument("--config", metavar="FILE", dest="sub_config", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--dev-tls",
+        action="store_true",
+        help="use an ephemeral self-signed certificate (development only)",
+    )
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("init", help="create the Relate tables when absent")
+
+    users = commands.add_parser("users", help="manage users")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="create a user")
+    add.add_argument("email")
+    add.add_argument("--name", help="display name")
+    add.add_argument(
+        "--alias", action="append", default=[], metavar="ADDRESS", help="verified extra address"
+    )
+
+    keys = commands.add_parser("keys", help="manage SMTP API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a key; prints the raw key once")
+    create.add_argument("email")
+    create.add_argument("--name", default="smtp", help="key name")
+    create.add_argument(
+        "--scope", action="append", default=None, metavar="SCOPE", help="scope (default: smtp)"
+    )
+    listing = keys_commands.add_parser("list", help="list a user's keys")
+    listing.add_argument("email")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+
+    mail = commands.add_parser("mail", help="read stored mail")
+    mail_commands = mail.add_subparsers(dest="mail_command", required=True)
+    mail_list = mail_commands.add_parser("list", help="most recent messages")
+    mail_list.add_argument("--limit", type=int, default=20)
+    show = mail_commands.add_parser("show", help="one message with recipients and attachments")
+    show.add_argument("id")
+    return parser
+
+
+def configure_logging(level_name: str) -> None:
+    logging.basicConfig(
+        level=_LOG_LEVELS.get(level_name.lower(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, own = split_overrides(args_list)
+        args = _parser().parse_args(own)
+        config_file = getattr(args, "sub_config", None) or args.config
+        settings = load_settings(config_file=config_file, overrides=overrides)
+        configure_logging(settings.log_level)
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"relate-smtp: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CommandError as exc:
+        print(f"relate-smtp: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from relate_smtp import admin
+
+    match args.command:
+        case "serve":
+            from relate_smtp.runtime.run import run_server
+
+            _raise_open_file_limit()
+            return run_server(settings, dev_tls=args.dev_tls)
+        case "db":
+            return _run(admin.db_init, settings)
+        case "users":
+            return _run(lambda s: admin.users_add(s, args.email, args.name, args.alias), settings)
+        case "keys":
+            match args.keys_command:
+                case "create":
+                    scopes = args.scope or ["smtp"]
+                    return _run(
+                        lambda s: admin.keys_create(s, args.email, args.name, scopes), settings
+                    )
+                case "list":
+                    return _run(lambda s: admin.keys_list(s, args.email), settings)
+                case _:
+                    return _run(lambda s: admin.keys_revoke(s, _uuid(args.key_id)), settings)
+        case "mail":
+            if args.mail_command == "list":
+                return _run(lambda s: admin.mail_list(s, args.limit), settings)
+            return _run(lambda s: admin.mail_show(s, _uuid(args.id)), settings)
+    _unreachable(args.command)
+
+
+def _run(command: Callable[[Settings], Awaitable[None]], settings: Settings) -> int:
+    try:
+        trio.run(command, settings)
+    except admin_errors() as exc:
+        print(f"relate-smtp: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def admin_errors() -> tuple[type[Exception], ...]:
+    from relate_smtp.admin import AdminError
+    from relate_smtp.storage import StoreError
+
+    # The stores raise ValueError for a taken address or an unknown user.
+    return (AdminError, StoreError, ValueError)
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise CommandError(f"{text!r} is not an id (expected a UUID)") from None
+
+
+def _raise_open_file_limit() -> None:
+    """Many concurrent sessions need many descriptors: take the hard limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
+
+
+def _unreachable(value: object) -> NoReturn:
+    raise CommandError(f"unknown command {value!r}")
+
+
+__all__ = ["main"]

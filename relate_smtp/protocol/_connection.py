@@ -1,0 +1,553 @@
+"""ServerConnection: the SMTP server state machine, fed bytes and answers.
+
+It owns the receive buffer, dispatches each command line, holds the one pending
+`Decision`, and collects outbound bytes. Sequencing comes from `_state.TRANSITIONS`,
+grammar from `_commands`, wording from `_replies`; every `_Reject` raised by those is
+caught in `_advance` and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+
+from . import _replies as replies
+from ._buffer import Line, ReceiveBuffer
+from ._commands import parse_auth, parse_bdat, parse_hello, parse_mail, parse_rcpt, split_command
+from ._config import BareLineEndings, ProtocolConfig
+from ._data import Chunk, DotReader, Outcome
+from ._errors import LocalProtocolError
+from ._events import (
+    NEED_DATA,
+    PAUSED,
+    AnyDecision,
+    AnyEvent,
+    AuthRequest,
+    BodyType,
+    ConnectionClosed,
+    Decision,
+    Event,
+    Hello,
+    MailFrom,
+    MessageAborted,
+    MessageChunk,
+    MessageEnd,
+    MessageStart,
+    Pending,
+    Quit,
+    RcptTo,
+    Reset,
+    StartTLS,
+)
+from ._replies import Reply, _Reject
+from ._sasl import Credentials, SaslExchange, start_exchange
+from ._state import MESSAGE_STATES, TRANSITIONS, Command, State, out_of_sequence
+
+_AUTH_PREFIX: Final = b"AUTH "
+
+
+@attrs.define
+class _Transaction:
+    """What the core itself must remember about the current mail transaction."""
+
+    smtputf8: bool
+    body: BodyType | None
+    recipients: int = 0
+    #: Octets received so far in BDAT chunks.
+    chunked_size: int = 0
+
+
+class ServerConnection:
+    """One SMTP server session, without I/O (after h11's ``Connection``).
+
+    Feed bytes with `receive_data`, pull events with `next_event`, answer each
+    `Decision` with `accept` or `reject`, and write out `data_to_send`. The greeting
+    is queued at construction. Bad input from the peer never raises: the core queues
+    the reply. `LocalProtocolError` means the application misused the API.
+    """
+
+    def __init__(self, config: ProtocolConfig) -> None:
+        self._config = config
+        self._normalize = config.bare_line_endings is BareLineEndings.NORMALIZE
+        self._state = State.CONNECTED
+        self._tls_active = config.tls_active
+        self._authenticated = False
+        self._hello_name: str | None = None
+        self._buffer = ReceiveBuffer()
+        self._eof = False
+        self._out: list[bytes] = [replies.greeting(config.hostname).render()]
+        self._events: deque[AnyEvent] = deque()
+        self._pending: Decision | None = None
+        self._target = State.CONNECTED  # where accepting the pending decision leads
+        self._errors = 0
+        self._transaction: _Transaction | None = None
+        self._sasl: SaslExchange | None = None
+        self._dot: DotReader | None = None
+        self._chunk: Chunk | None = None
+
+    # --- read-only views -------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """Where the session is; the runtime picks its timeout from this."""
+        return self._state
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether an AUTH exchange succeeded on the current channel."""
+        return self._authenticated
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def in_message(self) -> bool:
+        """True from MessageStart until the message is answered, aborted or reset."""
+        return self._state in MESSAGE_STATES
+
+    @property
+    def hello_name(self) -> str | None:
+        """The domain from the accepted EHLO/HELO, forgotten after STARTTLS."""
+        return self._hello_name
+
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    # --- the sans-IO API -------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
+        if self._state is State.ERROR:
+            self._check_usable()
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise self._misuse("receive_data() after end of input (b'')")
+        if self._state is State.CLOSED or self._state is State.TLS_HANDSHAKE:
+            return  # nothing more is read; before the handshake it would be injection
+        self._buffer.append(data)
+
+    def next_event(self) -> AnyEvent | Pending:
+        """The next event, or NEED_DATA / PAUSED when there is none yet."""
+        if self._state is State.ERROR:
+            self._check_usable()
+        if self._pending is not None:
+            raise self._misuse("answer the pending decision before asking for another event")
+        try:
+            while not self._events:
+                if not self._advance():
+                    return self._idle()
+            event = self._events.popleft()
+        except BaseException:
+            self._state = State.ERROR
+            raise
+        if isinstance(event, Decision):
+            self._pending = event
+        return event
+
+    def accept(self, reply: Reply | None = None) -> None:
+        """Accept the pending decision, with its standard reply or a 2xx/3xx of your own."""
+        decision = self._answer(reply, accepting=True)
+        target = self._target
+        match decision:
+            case Hello(extended=extended, domain=domain):
+                if reply is None:
+                    reply = (
+                        replies.ehlo_reply(self._config, tls_active=self._tls_active)
+                        if extended
+                        else replies.helo_reply(self._config.hostname)
+                    )
+                self._hello_name = domain
+            case AuthRequest():
+                reply = reply or replies.AUTH_SUCCEEDED
+                self._authenticated = True
+            case MailFrom(smtputf8=smtputf8, body=body):
+                reply = reply or replies.SENDER_OK
+                self._transaction = _Transaction(smtputf8=smtputf8, body=body)
+            case RcptTo():
+                reply = reply or replies.RECIPIENT_OK
+                assert self._transaction is not None
+                self._transaction.recipients += 1
+            case StartTLS():
+                reply = reply or replies.READY_FOR_TLS
+                # RFC 3207 §4.2 and CVE-2011-0411: what the client pipelined behind
+                # STARTTLS was sent in clear and must not be run after the handshake.
+                self._buffer.clear()
+            case MessageEnd():
+                reply = reply or replies.OK
+                self._transaction = None
+            case _:
+                raise AssertionError(f"unknown decision {decision!r}")
+        self._state = target
+        self._out.append(reply.render())
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending decision with a 4xx/5xx reply."""
+        decision = self._answer(reply, accepting=False)
+        if isinstance(decision, MessageEnd):
+            self._transaction = None
+            self._state = self._target
+        elif isinstance(decision, AuthRequest):
+            self._state = self._target
+        self._out.append(reply.render())
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call (replies batched)."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def tls_started(self) -> None:
+        """The runtime finished the TLS handshake after an accepted StartTLS.
+
+        The session starts over: EHLO, AUTH and any transaction are forgotten
+        (RFC 3207 §4.2).
+        """
+        self._check_usable()
+        if self._state is not State.TLS_HANDSHAKE:
+            raise self._misuse("tls_started() without an accepted StartTLS")
+        self._tls_active = True
+        self._authenticated = False
+        self._hello_name = None
+        self._transaction = None
+        self._state = TRANSITIONS[State.TLS_HANDSHAKE, Command.TLS_DONE]
+
+    def abort(self, reply: Reply) -> None:
+        """Queue ``reply`` (e.g. 421 on timeout or shutdown) and close the session.
+
+        Any pending decision is dropped. On a closed connection it does nothing.
+        """
+        if self._state is State.CLOSED:
+            return
+        self._out.append(reply.render())
+        self._pending = None
+        self._events.clear()
+        if self._state is not State.ERROR:
+            self._close()
+
+    # --- driving the machine ---------------------------------------------------------
+    def _advance(self) -> bool:
+        """Consume some input; False when nothing more can be done without more."""
+        state = self._state
+        if state is State.CLOSED or state is State.TLS_HANDSHAKE:
+            return False
+        if self._chunk is not None:
+            return self._read_chunk()
+        if self._dot is not None:
+            return self._read_dot()
+        config = self._config
+        limit = config.max_auth_line if state is State.AUTH else config.max_command_line
+        line = self._buffer.next_line(limit, config.max_auth_line, _AUTH_PREFIX)
+        if line is Line.INCOMPLETE:
+            return False
+        try:
+            if line is Line.TOO_LONG:
+                raise _Reject(
+                    replies.AUTH_LINE_TOO_LONG if state is State.AUTH else replies.LINE_TOO_LONG
+                )
+            self._on_line(line)
+        except _Reject as rejection:
+            if self._state is State.AUTH:  # any error ends the SASL exchange
+                self._sasl = None
+                self._state = TRANSITIONS[State.AUTH, Command.AUTH_DONE]
+            self._error(rejection.reply)
+        return True
+
+    def _idle(self) -> Pending | ConnectionClosed:
+        if self._eof and self._state is not State.CLOSED:
+            self._close()  # a partial command or message is abandoned
+        if self._state is State.CLOSED:
+            return ConnectionClosed()
+        if self._state is State.TLS_HANDSHAKE:
+            return PAUSED
+        return NEED_DATA
+
+    def _on_line(self, line: bytes) -> None:
+        if line.endswith(b"\r\n"):
+            line = line[:-2]
+        elif self._normalize:
+            line = line[:-1]
+        else:
+            raise _Reject(replies.BARE_LF_IN_COMMAND)
+        if self._state is State.AUTH:
+            exchange = self._sasl
+            assert exchange is not None
+            self._sasl = None
+            self._sasl_step(exchange, exchange.respond(line))
+            return
+        command, args = split_command(line)
+        if command is None:
+            raise _Reject(replies.UNKNOWN_COMMAND)
+        _HANDLERS[command](self, command, args, TRANSITIONS.get((self._state, command)))
+
+    def _decide(self, decision: AnyDecision, target: State) -> None:
+        self._events.append(decision)
+        self._target = target
+
+    def _error(self, reply: Reply) -> None:
+        """Answer a peer error and count it; past max_errors say 421 and close."""
+        self._out.append(reply.render())
+        self._errors += 1
+        if self._errors > self._config.max_errors:
+            self._out.append(replies.TOO_MANY_ERRORS.render())
+            self._close()
+
+    def _close(self) -> None:
+        self._state = State.CLOSED
+        self._buffer.clear()
+        self._transaction = None
+        self._sasl = None
+        self._dot = None
+        self._chunk = None
+
+    def _check_usable(self) -> None:
+        if self._state is State.ERROR:
+            raise LocalProtocolError("the connection is in the ERROR state")
+
+    def _misuse(self, message: str) -> LocalProtocolError:
+        self._state = State.ERROR
+        return LocalProtocolError(message)
+
+    def _answer(self, reply: Reply | None, *, accepting: bool) -> Decision:
+        if self._state is State.ERROR:
+            self._check_usable()
+        decision = self._pending
+        if decision is None:
+            raise self._misuse("no decision is pending")
+        if reply is not None:
+            if not isinstance(reply, Reply):
+                raise self._misuse(f"expected a Reply, got {reply!r}")
+            if accepting and reply.code >= 400:
+                raise self._misuse(f"accept() with an error reply {reply.code}")
+            if not accepting and reply.code < 400:
+                raise self._misuse(f"reject() with a success reply {reply.code}")
+        self._pending = None
+        return decision
+
+    def _require(self, target: State | None, command: Command) -> State:
+        if target is None:
+            raise _Reject(out_of_sequence(self._state, command))
+        return target
+
+    def _tx(self) -> _Transaction:
+        transaction = self._transaction
+        assert transaction is not None, "the table only allows this inside a transaction"
+        return transaction
+
+    def _reset_transaction(self) -> None:
+        self._transaction = None
+        self._events.append(Reset())
+
+    # --- message bodies --------------------------------------------------------------
+    def _read_dot(self) -> bool:
+        reader = self._dot
+        assert reader is not None
+        if not len(self._buffer):
+            return False
+        data, rest = reader.feed(self._buffer.take_all())
+        if data:
+            self._events.append(MessageChunk(data=data))
+        if rest is None:
+            return True
+        self._dot = None
+        if rest:
+            self._buffer.put_back(rest)
+        if reader.outcome is Outcome.COMPLETE:
+            self._decide(
+                MessageEnd(size=reader.size), TRANSITIONS[State.DATA, Command.MESSAGE_DONE]
+            )
+        elif reader.outcome is Outcome.TOO_BIG:
+            self._abort_message(replies.MESSAGE_TOO_BIG)
+        else:
+            self._abort_message(replies.BARE_LF_IN_DATA)
+        return True
+
+    def _read_chunk(self) -> bool:
+        chunk = self._chunk
+        assert chunk is not None
+        if chunk.remaining:
+            if not len(self._buffer):
+                return False
+            data = self._buffer.take(chunk.remaining)
+            chunk.remaining -= len(data)
+            if chunk.refusal is None:
+                self._events.append(MessageChunk(data=data))
+            if chunk.remaining:
+                return True
+        self._chunk = None
+        if chunk.refusal is not None:
+            if self._state is State.BDAT:
+                self._abort_message(chunk.refusal)
+            else:
+                self._error(chunk.refusal)
+        elif chunk.last:
+            size = self._tx().chunked_size
+            self._decide(MessageEnd(size=size), TRANSITIONS[State.BDAT, Command.MESSAGE_DONE])
+        else:
+            self._out.append(replies.bdat_received(chunk.size).render())
+        return True
+
+    def _abort_message(self, reply: Reply) -> None:
+        self._events.append(MessageAborted(reply=reply))
+        self._transaction = None
+        self._state = TRANSITIONS[self._state, Command.MESSAGE_DONE]
+        self._error(reply)
+
+    # --- SASL ------------------------------------------------------------------------
+    def _sasl_step(self, exchange: SaslExchange, step: Reply | Credentials) -> None:
+        if isinstance(step, Reply):  # a 334 challenge: the next line is the response
+            self._sasl = exchange
+            self._out.append(step.render())
+            return
+        request = AuthRequest(
+            mechanism=step.mechanism,
+            authorization_id=step.authorization_id,
+            username=step.username,
+            password=step.password,
+        )
+        self._decide(request, TRANSITIONS[State.AUTH, Command.AUTH_DONE])
+
+    # --- command handlers: (self, command, arguments, table target or None) ----------
+    def _on_hello(self, command: Command, args: bytes, target: State | None) -> None:
+        target = self._require(target, command)
+        domain = parse_hello(_text(args), command)
+        if self._transaction is not None:  # RFC 5321 §4.1.4: EHLO/HELO resets
+            self._reset_transaction()
+            self._state = target
+        self._decide(Hello(extended=command is Command.EHLO, domain=domain), target)
+
+    def _on_auth(self, command: Command, args: bytes, target: State | None) -> None:
+        config = self._config
+        if not config.auth_enabled:
+            raise _Reject(replies.NOT_IMPLEMENTED)
+        target = self._require(target, command)
+        if self._authenticated:
+            raise _Reject(replies.ALREADY_AUTHENTICATED)
+        if not config.auth_offered(tls_active=self._tls_active):
+            raise _Reject(replies.ENCRYPTION_REQUIRED)  # RFC 4954 §6
+        mechanism, initial = parse_auth(_text(args))
+        exchange = start_exchange(mechanism)
+        self._state = target
+        self._sasl_step(exchange, exchange.start(None if initial is None else initial.encode()))
+
+    def _on_starttls(self, command: Command, args: bytes, target: State | None) -> None:
+        if not self._config.tls_available:
+            raise _Reject(replies.NOT_IMPLEMENTED)
+        if self._tls_active:
+            raise _Reject(replies.TLS_ALREADY_ACTIVE)
+        target = self._require(target, command)
+        if args:
+            raise _Reject(replies.SYNTAX_NO_PARAMETERS)  # RFC 3207 §4
+        self._decide(StartTLS(), target)
+
+    def _on_mail(self, command: Command, args: bytes, target: State | None) -> None:
+        target = self._require(target, command)
+        config = self._config
+        if config.auth_enabled and config.auth_required and not self._authenticated:
+            raise _Reject(replies.AUTH_REQUIRED)  # RFC 4954 §6
+        self._decide(parse_mail(_text(args), config), target)
+
+    def _on_rcpt(self, command: Command, args: bytes, target: State | None) -> None:
+        target = self._require(target, command)
+        transaction = self._tx()
+        event = parse_rcpt(_text(args), smtputf8=transaction.smtputf8)
+        if transaction.recipients >= self._config.max_recipients:
+            raise _Reject(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
+        self._decide(event, target)
+
+    def _on_data(self, command: Command, args: bytes, target: State | None) -> None:
+        target = self._require(target, command)
+        if args:
+            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
+        if self._tx().body is BodyType.BINARY_MIME:
+            raise _Reject(replies.BINARYMIME_NEEDS_BDAT)  # RFC 3030 §3
+        self._out.append(replies.START_MAIL_INPUT.render())
+        self._state = target
+        self._dot = DotReader(
+            max_size=self._config.max_message_size, normalize_bare_lf=self._normalize
+        )
+        self._events.append(MessageStart(chunked=False))
+
+    def _on_bdat(self, command: Command, args: bytes, target: State | None) -> None:
+        size, last = parse_bdat(args)  # without a size nothing can be skipped: just 501
+        # From here on the chunk is always consumed, even when refused (RFC 3030 §2).
+        if not self._config.chunking:
+            self._start_chunk(Chunk(size, last, replies.NOT_IMPLEMENTED))
+            return
+        if target is None:
+            self._start_chunk(Chunk(size, last, out_of_sequence(self._state, command)))
+            return
+        transaction = self._tx()
+        if self._state is not State.BDAT:
+            self._state = target
+            self._events.append(MessageStart(chunked=True))
+        transaction.chunked_size += size
+        limit = self._config.max_message_size
+        too_big = limit and transaction.chunked_size > limit
+        self._start_chunk(Chunk(size, last, replies.MESSAGE_TOO_BIG if too_big else None))
+
+    def _start_chunk(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        if not chunk.size:
+            self._read_chunk()
+
+    def _on_rset(self, command: Command, args: bytes, target: State | None) -> None:
+        target = self._require(target, command)
+        if args:
+            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
+        self._reset_transaction()
+        self._state = target
+        self._out.append(replies.OK.render())
+
+    def _on_noop(self, command: Command, args: bytes, target: State | None) -> None:
+        # RFC 5321 §4.1.1.9: any argument is ignored.
+        self._state = self._require(target, command)
+        self._out.append(replies.OK.render())
+
+    def _on_vrfy(self, command: Command, args: bytes, target: State | None) -> None:
+        self._state = self._require(target, command)
+        if not args:
+            raise _Reject(replies.SYNTAX_VRFY)
+        self._out.append(replies.CANNOT_VRFY.render())  # RFC 5321 §3.5.3
+
+    def _on_help(self, command: Command, args: bytes, target: State | None) -> None:
+        self._state = self._require(target, command)
+        self._out.append(replies.HELP.render())
+
+    def _on_quit(self, command: Command, args: bytes, target: State | None) -> None:
+        self._require(target, command)
+        if args:
+            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
+        self._out.append(replies.CLOSING.render())
+        self._events.append(Quit())
+        self._close()
+
+
+def _text(args: bytes) -> str:
+    try:
+        return args.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject(replies.INVALID_UTF8) from None
+
+
+_Handler = Callable[[ServerConnection, Command, bytes, State | None], None]
+
+_HANDLERS: Final[dict[Command, _Handler]] = {
+    Command.HELO: ServerConnection._on_hello,
+    Command.EHLO: ServerConnection._on_hello,
+    Command.AUTH: ServerConnection._on_auth,
+    Command.STARTTLS: ServerConnection._on_starttls,
+    Command.MAIL: ServerConnection._on_mail,
+    Command.RCPT: ServerConnection._on_rcpt,
+    Command.DATA: ServerConnection._on_data,
+    Command.BDAT: ServerConnection._on_bdat,
+    Command.RSET: ServerConnection._on_rset,
+    Command.NOOP: ServerConnection._on_noop,
+    Command.VRFY: ServerConnection._on_vrfy,
+    Command.HELP: ServerConnection._on_help,
+    Command.QUIT: ServerConnection._on_quit,
+}

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server (SPEC §7), kept in a prometheus_client registry.
+
+Updates go through :meth:`Metrics.safely` so that a failing metric can never break an
+SMTP session (the original wrapped its counters in try/catch for the same reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger("relate_smtp.metrics")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The server's collectors, registered in ``registry`` (a fresh one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.messages_received = Counter(
+            "smtp_messages_received", "Messages accepted with 250 at end of data", registry=r
+        )
+        self.bytes_received = Counter(
+            "smtp_bytes_received", "Octets of accepted messages", registry=r
+        )
+        self.auth_attempts = Counter("smtp_auth_attempts", "AUTH exchanges completed", registry=r)
+        self.auth_failures = Counter(
+            "smtp_auth_failures", "AUTH attempts answered 535 or 454", registry=r
+        )
+        self.processing_duration = Histogram(
+            "smtp_message_processing_duration_seconds",
+            "Time from end of data to the final reply",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active_connections = Gauge(
+            "smtp_active_connections", "SMTP sessions currently open", registry=r
+        )
+        self.rejections = Counter(
+            "smtp_rejections", "Commands or messages refused, by reason", ["reason"], registry=r
+        )
+        self.tls_sessions = Counter(
+            "smtp_tls_sessions", "Completed TLS handshakes, by listener", ["listener"], registry=r
+        )
+        self.tls_failures = Counter(
+            "smtp_tls_handshake_failures",
+            "Failed TLS handshakes, by listener",
+            ["listener"],
+            registry=r,
+        )
+        self.store_latency = Histogram(
+            "smtp_store_latency_seconds",
+            "Time to commit one message to the store",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def safely(self, update: Callable[[], object]) -> None:
+        """Apply one metric update; log and swallow any failure."""
+        try:
+            update()
+        except Exception:
+            log.debug("metric update failed", exc_info=True)
+
+    def reject(self, reason: str) -> None:
+        self.safely(lambda: self.rejections.labels(reason=reason).inc())
+
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        self.safely(self.active_connections.inc)
+        try:
+            yield
+        finally:
+            self.safely(self.active_connections.dec)

@@ -1,0 +1,402 @@
+"""Drives one SMTP connection through the sans-IO core.
+
+The session owns the socket, the clock and the TLS upgrade; the core owns SMTP; the
+handlers own the Relate rules. Replies of a pipelined batch leave in one write, made
+when the core needs more input, before a TLS handshake, and before closing.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import assert_never
+
+import attrs
+import trio
+
+from relate_smtp.handlers.auth import Authenticator, AuthOutcome
+from relate_smtp.handlers.delivery import MessageDelivery
+from relate_smtp.handlers.policy import Envelope, ListenerKind, MailboxFilter, Principal
+from relate_smtp.protocol import (
+    AUTH_FAILED,
+    AUTH_TEMPORARY_FAILURE,
+    DATA_TOO_SLOW,
+    LOCAL_ERROR,
+    SHUTTING_DOWN,
+    TIMEOUT,
+    TLS_NOT_AVAILABLE,
+    AuthRequest,
+    ConnectionClosed,
+    Hello,
+    MailFrom,
+    MessageAborted,
+    MessageChunk,
+    MessageEnd,
+    MessageStart,
+    Pending,
+    ProtocolConfig,
+    Quit,
+    RcptTo,
+    Reply,
+    Reset,
+    ServerConnection,
+    StartTLS,
+)
+from relate_smtp.runtime import tls
+from relate_smtp.runtime.metrics import Metrics
+from relate_smtp.storage import Store, StoreUnavailable
+
+log = logging.getLogger("relate_smtp.session")
+
+RECEIVE_SIZE = 64 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """SPEC §2's session clocks, in seconds (RFC 5321 §4.5.3.2 defaults)."""
+
+    command: float = 300.0
+    data: float = 180.0
+    min_data_rate: int = 500
+    tls_handshake: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Listener:
+    """One listening endpoint: its name, kind, TLS mode and the core's settings."""
+
+    kind: ListenerKind
+    protocol: ProtocolConfig
+    implicit_tls: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.kind.value
+
+
+@attrs.frozen(kw_only=True)
+class Services:
+    """Everything a session asks for a decision; shared by all sessions of a server."""
+
+    store: Store
+    authenticator: Authenticator
+    mailbox_filter: MailboxFilter
+    delivery: MessageDelivery
+    metrics: Metrics
+    timeouts: Timeouts
+    tls_context: Callable[[], ssl.SSLContext | None]
+
+
+class _Closing(Exception):
+    """The transport is gone or unusable; stop without another write."""
+
+
+class Session:
+    """One connection from greeting to close."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: tuple[str, int],
+        listener: Listener,
+        services: Services,
+    ) -> None:
+        self._stream: trio.abc.Stream = stream
+        self._client_ip, self._client_port = client
+        self._listener = listener
+        self._services = services
+        self._timeouts = services.timeouts
+        self._conn: ServerConnection | None = None
+        self._read_scope: trio.CancelScope | None = None
+        self._shutting_down = False
+        self._principal: Principal | None = None
+        self._user_addresses: tuple[str, ...] | None = None
+        self._recipients: list[str] = []
+        self._chunks: list[bytes] = []
+        self._tls = listener.implicit_tls
+        self._messages = 0
+        self._bytes = 0
+        self._outcome = "closed"
+        self._command_deadline = 0.0
+        self._data_budget = 0.0
+
+    # ---- the server's view -------------------------------------------------------
+
+    @property
+    def in_message(self) -> bool:
+        return self._conn is not None and self._conn.in_message
+
+    def request_shutdown(self) -> None:
+        """Close at the next command boundary; a session waiting for a command is
+        interrupted at once, one receiving a message may finish it first."""
+        self._shutting_down = True
+        if self._read_scope is not None and not self.in_message:
+            self._read_scope.cancel()
+
+    async def run(self) -> None:
+        metrics = self._services.metrics
+        with metrics.connection():
+            try:
+                if self._listener.implicit_tls and not await self._start_tls():
+                    return
+                self._conn = ServerConnection(self._listener.protocol)
+                await self._drive(self._conn)
+            except _Closing:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._outcome = "peer hung up"
+            except Exception:
+                self._outcome = "internal error"
+                log.exception("session from %s failed", self._client_ip)
+                await self._try_abort(LOCAL_ERROR)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await trio.aclose_forcefully(self._stream)
+                self._log_summary()
+
+    # ---- the loop -----------------------------------------------------------------
+
+    async def _drive(self, conn: ServerConnection) -> None:
+        self._command_deadline = trio.current_time() + self._timeouts.command
+        while True:
+            event = conn.next_event()
+            if event is Pending.NEED_DATA:
+                await self._flush(conn)
+                conn.receive_data(await self._receive(conn))
+                continue
+            if event is Pending.PAUSED:
+                await self._flush(conn)
+                if not await self._start_tls():
+                    return
+                conn.tls_started()
+                continue
+            if not conn.in_message:
+                self._command_deadline = trio.current_time() + self._timeouts.command
+            match event:
+                case Hello():
+                    conn.accept()
+                case AuthRequest():
+                    await self._authenticate(conn, event)
+                case MailFrom():
+                    await self._mail_from(conn, event)
+                case RcptTo():
+                    await self._rcpt_to(conn, event)
+                case StartTLS():
+                    if self._services.tls_context() is None:
+                        conn.reject(TLS_NOT_AVAILABLE)
+                    else:
+                        conn.accept()
+                case MessageStart():
+                    self._chunks = []
+                    self._data_budget = self._timeouts.data
+                case MessageChunk():
+                    self._chunks.append(event.data)
+                case MessageEnd():
+                    await self._message_end(conn, event.size)
+                case MessageAborted():
+                    self._chunks = []
+                    self._services.metrics.reject("message_aborted")
+                case Reset():
+                    self._reset_transaction()
+                case Quit():
+                    self._outcome = "quit"
+                case ConnectionClosed():
+                    await self._flush(conn)
+                    return
+                case _:
+                    assert_never(event)
+
+    async def _receive(self, conn: ServerConnection) -> bytes:
+        """One read under the clock that applies now; on expiry or shutdown the core
+        is told to abort and an empty read (treated as close) is returned."""
+        if self._shutting_down and not conn.in_message:
+            self._outcome = "shutdown"
+            conn.abort(SHUTTING_DOWN)
+            return b""
+        in_message = conn.in_message
+        now = trio.current_time()
+        if in_message:
+            timeout = min(self._data_budget, self._timeouts.data)
+        else:
+            timeout = self._command_deadline - now
+        data: bytes | bytearray | None = None
+        with trio.move_on_after(max(timeout, 0.0)) as scope:
+            self._read_scope = scope
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        self._read_scope = None
+        if data is None:
+            if self._shutting_down and not conn.in_message:
+                self._outcome = "shutdown"
+                conn.abort(SHUTTING_DOWN)
+            else:
+                self._outcome = "timeout"
+                conn.abort(DATA_TOO_SLOW if in_message and self._chunks else TIMEOUT)
+                log.info("timeout from %s", self._client_ip)
+            return b""
+        if in_message:
+            self._account_data(len(data), trio.current_time() - now)
+        return bytes(data)
+
+    def _account_data(self, size: int, elapsed: float) -> None:
+        """Postfix's smtpd_min_data_rate: each read spends its time from the budget and
+        earns size/rate back, never beyond the data timeout."""
+        rate = self._timeouts.min_data_rate
+        if rate <= 0:
+            self._data_budget = self._timeouts.data
+            return
+        self._data_budget = min(self._timeouts.data, self._data_budget - elapsed + size / rate)
+
+    async def _flush(self, conn: ServerConnection) -> None:
+        data = conn.data_to_send()
+        if not data:
+            return
+        with trio.move_on_after(self._timeouts.command) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            self._outcome = "client not reading"
+            raise _Closing
+
+    async def _try_abort(self, reply: Reply) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.abort(reply)
+            with trio.move_on_after(1):
+                await self._stream.send_all(conn.data_to_send())
+        except Exception:
+            log.debug("could not send the closing reply", exc_info=True)
+
+    # ---- TLS ----------------------------------------------------------------------
+
+    async def _start_tls(self) -> bool:
+        context = self._services.tls_context()
+        if context is None:
+            self._outcome = "no certificate"
+            return False
+        ssl_stream = tls.wrap_server(self._stream, context)
+        metrics = self._services.metrics
+        name = self._listener.name
+        with trio.move_on_after(self._timeouts.tls_handshake) as scope:
+            try:
+                await ssl_stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._outcome = "tls handshake failed"
+                metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
+                log.info("TLS handshake with %s failed: %s", self._client_ip, _describe(exc))
+                return False
+        if scope.cancelled_caught:
+            self._outcome = "tls handshake timeout"
+            metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
+            log.info("TLS handshake with %s timed out", self._client_ip)
+            return False
+        self._stream = ssl_stream
+        self._tls = True
+        metrics.safely(lambda: metrics.tls_sessions.labels(listener=name).inc())
+        return True
+
+    # ---- decisions ----------------------------------------------------------------
+
+    async def _authenticate(self, conn: ServerConnection, event: AuthRequest) -> None:
+        metrics = self._services.metrics
+        metrics.safely(metrics.auth_attempts.inc)
+        result = await self._services.authenticator.authenticate(
+            event.username, event.password, self._client_ip
+        )
+        if result.outcome is AuthOutcome.SUCCESS and result.user_id and result.address:
+            self._principal = Principal(user_id=result.user_id, address=result.address)
+            self._user_addresses = None
+            conn.accept()
+            return
+        metrics.safely(metrics.auth_failures.inc)
+        if result.outcome is AuthOutcome.FAILED:
+            conn.reject(AUTH_FAILED)
+        else:
+            conn.reject(AUTH_TEMPORARY_FAILURE)
+
+    async def _mail_from(self, conn: ServerConnection, event: MailFrom) -> None:
+        services = self._services
+        addresses: tuple[str, ...] = ()
+        if self._principal is not None and services.mailbox_filter.restrict_sender_to_login:
+            try:
+                addresses = await self._addresses_of_user(self._principal)
+            except StoreUnavailable:
+                conn.reject(LOCAL_ERROR)
+                return
+        reply = await services.mailbox_filter.check_sender(
+            self._listener.kind, self._principal, event.address, addresses
+        )
+        if reply is None:
+            self._recipients = []
+            conn.accept()
+        else:
+            services.metrics.reject("sender")
+            conn.reject(reply)
+
+    async def _addresses_of_user(self, principal: Principal) -> tuple[str, ...]:
+        if self._user_addresses is None:
+            self._user_addresses = await self._services.store.user_addresses(principal.user_id)
+        return self._user_addresses
+
+    async def _rcpt_to(self, conn: ServerConnection, event: RcptTo) -> None:
+        path = Envelope(
+            local_part=event.local_part, domain=event.domain, source_route=event.source_route
+        )
+        reply = await self._services.mailbox_filter.check_recipient(
+            self._listener.kind, self._principal, path
+        )
+        if reply is None:
+            self._recipients.append(event.address)
+            conn.accept()
+        else:
+            self._services.metrics.reject("recipient")
+            conn.reject(reply)
+
+    async def _message_end(self, conn: ServerConnection, size: int) -> None:
+        services = self._services
+        metrics = services.metrics
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        started = trio.current_time()
+        reply = await services.delivery.deliver(
+            raw,
+            envelope_recipients=tuple(self._recipients),
+            sent_by_user_id=self._principal.user_id if self._principal else None,
+        )
+        elapsed = trio.current_time() - started
+        metrics.safely(lambda: metrics.processing_duration.observe(elapsed))
+        self._recipients = []
+        if reply.code < 400:
+            self._messages += 1
+            self._bytes += size
+            metrics.safely(metrics.messages_received.inc)
+            metrics.safely(lambda: metrics.bytes_received.inc(size))
+            conn.accept(reply)
+        else:
+            conn.reject(reply)
+
+    def _reset_transaction(self) -> None:
+        self._recipients = []
+        self._chunks = []
+
+    def _log_summary(self) -> None:
+        user = self._principal.address if self._principal else "-"
+        log.info(
+            "session %s:%d listener=%s tls=%s user=%s messages=%d bytes=%d outcome=%s",
+            self._client_ip,
+            self._client_port,
+            self._listener.name,
+            "yes" if self._tls else "no",
+            user,
+            self._messages,
+            self._bytes,
+            self._outcome,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost cause of a transport error, as one short phrase."""
+    cause = exc.__cause__ or exc.__context__
+    return str(cause or exc) or type(exc).__name__

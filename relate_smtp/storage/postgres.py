@@ -1,0 +1,898 @@
+"""The PostgreSQL store: the platform's own database, through asyncpg, bridged into Trio.
+
+asyncpg is an asyncio library; the server is Trio. :func:`open_postgres_store` runs one
+trio-asyncio loop for the store's lifetime and every public method of
+:class:`PostgresStore` is a plain Trio async function that hops into that loop for the
+database work and back, so no other module imports asyncio or trio-asyncio.
+
+Availability (SPEC §10): the pool is created with no connection opened (asyncpg's
+``init_size=0``), so the server starts while PostgreSQL is down. Each call acquires a
+connection, and asyncpg reconnects a pool slot whose connection was lost, so the store
+recovers by itself when the database returns. Every transient failure (refused or timed
+out connection, a connection dropped mid-query, the server shutting down, too many
+connections, serialization failure) surfaces as :class:`StoreUnavailable`; anything else
+is a bug or a schema mismatch and is not disguised as one.
+
+Queries and EF's indexes: the platform's ``IX_Users_Email`` is a plain index on
+``"Email"``, not on ``lower("Email")``, and ``"UserEmailAddresses"."Address"`` has no
+index at all. Matching must be case-insensitive (SPEC §3, §4), so a single-address
+lookup first tries the exact spelling (served by ``IX_Users_Email``, the common case for
+addresses typed the way they were registered) and only falls back to ``lower()`` scans
+when that finds nothing; PostgreSQL's Append node stops at the first branch that
+yields a row under ``LIMIT 1``. The per-message batch resolution compares ``lower()``
+directly. Neither query needs an index the platform does not create; an operator with a
+large ``"Users"`` table can add ``CREATE INDEX ON "Users" (lower("Email"))`` and both
+queries use it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Final, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from relate_smtp.storage import (
+    ApiKey,
+    Attachment,
+    NewEmail,
+    PoolStats,
+    RecipientRow,
+    SavedEmail,
+    SchemaMissing,
+    StoredEmail,
+    StoreError,
+    StoreUnavailable,
+    User,
+    link_recipients,
+)
+from relate_smtp.storage.connstring import PostgresParams, parse_connection_string
+from relate_smtp.storage.records import (
+    CONTENT_TYPE_MAX,
+    DISPLAY_NAME_MAX,
+    EMAIL_ADDRESS_MAX,
+    FILE_NAME_MAX,
+    IN_REPLY_TO_MAX,
+    KEY_NAME_MAX,
+    MESSAGE_ID_MAX,
+    RECIPIENT_TYPE_MAX,
+    REFERENCES_MAX,
+    SCOPES_MAX,
+    SUBJECT_MAX,
+)
+
+__all__ = ["CLI_OIDC_ISSUER", "PostgresStore", "open_postgres_store"]
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+CLI_OIDC_ISSUER: Final = "relate-smtp-cli"  # SPEC §9: users made by `relate-smtp users add`
+PING_TIMEOUT: Final = 5.0  # SPEC §7: the database health check fails after 5 s
+CLOSE_TIMEOUT: Final = 5.0  # graceful pool close before connections are cut
+
+# The tables and columns this host reads or writes: what check_schema() demands.
+REQUIRED_COLUMNS: Final[Mapping[str, frozenset[str]]] = {
+    "Users": frozenset(
+        {"Id", "OidcSubject", "OidcIssuer", "Email", "DisplayName", "CreatedAt", "LastLoginAt"}
+    ),
+    "UserEmailAddresses": frozenset({"Id", "UserId", "Address", "IsVerified", "AddedAt"}),
+    "SmtpApiKeys": frozenset(
+        {
+            "Id",
+            "UserId",
+            "Name",
+            "KeyHash",
+            "KeyPrefix",
+            "Scopes",
+            "CreatedAt",
+            "LastUsedAt",
+            "RevokedAt",
+        }
+    ),
+    "Emails": frozenset(
+        {
+            "Id",
+            "MessageId",
+            "FromAddress",
+            "FromDisplayName",
+            "Subject",
+            "TextBody",
+            "HtmlBody",
+            "ReceivedAt",
+            "SizeBytes",
+            "InReplyTo",
+            "References",
+            "ThreadId",
+            "SentByUserId",
+        }
+    ),
+    "EmailRecipients": frozenset(
+        {"Id", "EmailId", "Address", "DisplayName", "Type", "UserId", "IsRead"}
+    ),
+    "EmailAttachments": frozenset(
+        {"Id", "EmailId", "FileName", "ContentType", "SizeBytes", "Content"}
+    ),
+}
+
+# SQLSTATE classes that mean "try again later": 08 connection exception, 53 insufficient
+# resources, 57 operator intervention (admin shutdown, cannot connect now, statement
+# timeout), 58 system error, 40 transaction rollback (serialization, deadlock),
+# 3D database does not exist yet, 28 authentication (a password being rotated). A bad
+# password is also a configuration error, but answering 4xx and reporting Unhealthy is
+# the right outcome for both.
+_TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58", "40", "3D", "28"})
+_TRANSIENT_SQLSTATES: Final = frozenset({"55P03"})  # lock_not_available
+
+# --- SQL ---------------------------------------------------------------------------------
+
+_USER_COLUMNS = 'u."Id", u."Email", u."DisplayName"'
+
+# Exact spelling first (uses IX_Users_Email), then case-insensitive, then verified aliases.
+_FIND_USER = f"""
+(SELECT {_USER_COLUMNS} FROM "Users" u WHERE u."Email" = $1 LIMIT 1)
+UNION ALL
+(SELECT {_USER_COLUMNS} FROM "Users" u WHERE lower(u."Email") = lower($1) LIMIT 1)
+UNION ALL
+(SELECT {_USER_COLUMNS} FROM "UserEmailAddresses" a JOIN "Users" u ON u."Id" = a."UserId"
+ WHERE a."IsVerified" AND lower(a."Address") = lower($1) LIMIT 1)
+LIMIT 1
+"""
+
+_USER_ADDRESSES = """
+SELECT 0 AS rank, lower("Email") AS address, NULL::timestamptz AS added, "Id" AS id
+FROM "Users" WHERE "Id" = $1
+UNION ALL
+SELECT 1, lower("Address"), "AddedAt", "Id"
+FROM "UserEmailAddresses" WHERE "UserId" = $1 AND "IsVerified"
+ORDER BY rank, added, id
+"""
+
+_KEY_COLUMNS = (
+    '"Id", "UserId", "Name", "KeyHash", "KeyPrefix", "Scopes", "CreatedAt", '
+    '"LastUsedAt", "RevokedAt"'
+)
+
+_CANDIDATE_KEYS = f"""
+SELECT {_KEY_COLUMNS} FROM "SmtpApiKeys"
+WHERE "UserId" = $1 AND "RevokedAt" IS NULL AND ("KeyPrefix" = $2 OR "KeyPrefix" IS NULL)
+ORDER BY ("KeyPrefix" IS NULL), "CreatedAt" DESC
+"""
+
+# Several hosts may touch one key: never move LastUsedAt backwards.
+_TOUCH_KEYS = """
+UPDATE "SmtpApiKeys" AS k SET "LastUsedAt" = v.used
+FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, used)
+WHERE k."Id" = v.id AND (k."LastUsedAt" IS NULL OR k."LastUsedAt" < v.used)
+"""
+
+# One round trip resolves every address of the message (primary rank 0 beats alias
+# rank 1) and the thread parent (rank 2). The parent is the earliest message stored
+# with that Message-ID, so duplicates of a parent never split a thread. MessageId is
+# compared bare and bracketed ($2, $3): MimeKit stored it bare, other writers did not.
+_RESOLVE_FOR_SAVE = """
+SELECT 0 AS rank, lower(u."Email") AS address, u."Id" AS id
+FROM "Users" u WHERE lower(u."Email") = ANY($1::text[])
+UNION ALL
+SELECT 1, lower(a."Address"), a."UserId"
+FROM "UserEmailAddresses" a WHERE a."IsVerified" AND lower(a."Address") = ANY($1::text[])
+UNION ALL
+(SELECT 2, NULL, COALESCE(e."ThreadId", e."Id") FROM "Emails" e
+ WHERE e."MessageId" IN ($2, $3) ORDER BY e."ReceivedAt", e."Id" LIMIT 1)
+"""
+
+# The e-mail, its recipients and its attachments in one statement: one round trip
+# whatever the number of rows. Foreign keys are checked at the end of the statement,
+# when the Emails row inserted by the first CTE is visible.
+_INSERT_EMAIL = """
+WITH email AS (
+    INSERT INTO "Emails" ("Id", "MessageId", "FromAddress", "FromDisplayName", "Subject",
+        "TextBody", "HtmlBody", "ReceivedAt", "SizeBytes", "InReplyTo", "References",
+        "ThreadId", "SentByUserId")
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+), recipients AS (
+    INSERT INTO "EmailRecipients" ("Id", "EmailId", "Address", "DisplayName", "Type",
+        "UserId", "IsRead")
+    SELECT r.id, $1, r.address, r.display_name, r.type, r.user_id, false
+    FROM unnest($14::uuid[], $15::text[], $16::text[], $17::text[], $18::uuid[])
+        AS r(id, address, display_name, type, user_id)
+)
+INSERT INTO "EmailAttachments" ("Id", "EmailId", "FileName", "ContentType", "SizeBytes",
+    "Content")
+SELECT a.id, $1, a.file_name, a.content_type, a.size, a.content
+FROM unnest($19::uuid[], $20::text[], $21::text[], $22::bigint[], $23::bytea[])
+    AS a(id, file_name, content_type, size, content)
+"""
+
+_EMAIL_COLUMNS = (
+    '"Id", "MessageId", "FromAddress", "FromDisplayName", "Subject", "TextBody", '
+    '"HtmlBody", "ReceivedAt", "SizeBytes", "InReplyTo", "References", "ThreadId", '
+    '"SentByUserId"'
+)
+
+_RECIPIENTS_OF = """
+SELECT "EmailId", "Address", "DisplayName", "Type", "UserId" FROM "EmailRecipients"
+WHERE "EmailId" = ANY($1::uuid[]) ORDER BY "EmailId", "Id"
+"""
+
+_SCHEMA_COLUMNS = """
+SELECT c.relname, a.attname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
+  AND pg_catalog.pg_table_is_visible(c.oid)
+"""
+
+# Serialises concurrent `db init` runs (several hosts starting at once): concurrent
+# CREATE TABLE IF NOT EXISTS can otherwise fail on the catalog's unique indexes.
+_INIT_LOCK = "SELECT pg_advisory_xact_lock(hashtext('relate-smtp db init'))"
+
+
+def _schema_sql() -> str:
+    return resources.files("relate_smtp.storage").joinpath("schema/postgres.sql").read_text()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+class _TimeOrderedIds:
+    """UUIDv7 (RFC 9562) ids, monotonic within the process.
+
+    Child rows get time-ordered ids so that ``ORDER BY "Id"`` returns recipients and
+    attachments in the order they were inserted (header order), as EF Core's Npgsql
+    provider does with its sequential GUIDs; random v4 ids would shuffle them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def __call__(self) -> uuid.UUID:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._last_ms:
+                self._last_ms = ms
+                self._counter = secrets.randbits(11)  # leave room to count up
+            else:
+                self._counter += 1
+                if self._counter > 0xFFF:  # 12-bit rand_a exhausted: borrow the next ms
+                    self._last_ms += 1
+                    self._counter = 0
+            ms, counter = self._last_ms, self._counter
+        value = (ms & 0xFFFF_FFFF_FFFF) << 80
+        value |= 0x7 << 76
+        value |= counter << 64
+        value |= 0b10 << 62
+        value |= secrets.randbits(62)
+        return uuid.UUID(int=value)
+
+
+_new_id = _TimeOrderedIds()
+
+
+def _clip(value: str, limit: int) -> str:
+    """Defence in depth for SPEC §5's "truncate, never fail"; records arrive clipped."""
+    return value if len(value) <= limit else value[:limit]
+
+
+def _clip_opt(value: str | None, limit: int) -> str | None:
+    return None if value is None else _clip(value, limit)
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _clean_text(value: str | None) -> str | None:
+    """PostgreSQL refuses NUL in text and asyncpg cannot encode lone surrogates.
+
+    The message handler already cleans text (SPEC §5); this keeps a stray character from
+    turning into a 451 retried forever. The common ASCII case costs two C-level scans.
+    """
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii():
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _bare_message_id(value: str | None) -> str | None:
+    """``In-Reply-To`` as MimeKit stored Message-IDs: no brackets, no blanks; ``<>`` is
+    no id at all."""
+    if value is None:
+        return None
+    bare = value.strip().removeprefix("<").removesuffix(">").strip()
+    return bare or None
+
+
+def _utc(value: datetime) -> datetime:
+    """timestamptz needs an instant: a naive datetime is taken as UTC, never local time."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+    if isinstance(exc, asyncpg.InterfaceError):
+        # Each call has its connection to itself, so the client-side errors left are
+        # the ones a lost connection causes ("connection is closed", "released back to
+        # the pool" when the pool detached it, a transaction that cannot end) — except
+        # bad arguments and bad settings, which are not going to get better.
+        return not isinstance(exc, asyncpg.DataError | asyncpg.ClientConfigurationError)
+    # A connection the server has just killed can be handed out before asyncpg has seen
+    # it close: it is still consuming the server's FATAL error and refuses a new query
+    # ("another operation is in progress"). The pool discards it on release; this call
+    # is simply unlucky.
+    return isinstance(exc, asyncpg.InternalClientError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _api_key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        id=row["Id"],
+        user_id=row["UserId"],
+        name=row["Name"],
+        key_hash=row["KeyHash"],
+        key_prefix=row["KeyPrefix"],
+        scopes=row["Scopes"],
+        created_at=row["CreatedAt"],
+        last_used_at=row["LastUsedAt"],
+        revoked_at=row["RevokedAt"],
+    )
+
+
+def _recipient(row: asyncpg.Record) -> RecipientRow:
+    return RecipientRow(
+        address=row["Address"],
+        display_name=row["DisplayName"],
+        type=row["Type"],
+        user_id=row["UserId"],
+    )
+
+
+def _stored_email(
+    row: asyncpg.Record,
+    recipients: tuple[RecipientRow, ...],
+    attachments: tuple[Attachment, ...],
+) -> StoredEmail:
+    return StoredEmail(
+        id=row["Id"],
+        message_id=row["MessageId"],
+        from_address=row["FromAddress"],
+        from_display_name=row["FromDisplayName"],
+        subject=row["Subject"],
+        text_body=row["TextBody"],
+        html_body=row["HtmlBody"],
+        received_at=row["ReceivedAt"],
+        size_bytes=row["SizeBytes"],
+        in_reply_to=row["InReplyTo"],
+        references=row["References"],
+        thread_id=row["ThreadId"],
+        sent_by_user_id=row["SentByUserId"],
+        recipients=recipients,
+        attachments=attachments,
+    )
+
+
+def _create_pool(params: PostgresParams) -> asyncpg.Pool:
+    """Build the pool object without connecting (awaiting it connects ``init_size``)."""
+    server_settings: dict[str, str] = {}
+    if params.application_name:
+        server_settings["application_name"] = params.application_name
+    if params.search_path:
+        server_settings["search_path"] = params.search_path
+    sizes: dict[str, int] = {"min_size": params.min_pool_size, "max_size": params.max_pool_size}
+    options = inspect.signature(asyncpg.create_pool).parameters
+    extra: dict[str, Any] = {}
+    if "reset" in options:
+        extra["reset"] = _keep_session
+    if "init_size" in options:
+        sizes["init_size"] = 0  # asyncpg ≥ 0.32: keep min_size, refill it in the background
+    else:  # older asyncpg would connect min_size at creation and fail while PG is down
+        sizes["min_size"] = 0
+    return asyncpg.create_pool(
+        host=params.host,
+        port=params.port,
+        user=params.user,
+        password=params.password,
+        database=params.database,
+        ssl=params.ssl,
+        timeout=params.connect_timeout if params.connect_timeout is not None else 3600.0,
+        command_timeout=params.command_timeout,
+        server_settings=server_settings or None,
+        **sizes,
+        **extra,
+    )
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing beyond asyncpg's own rollback of an unfinished
+    transaction.
+
+    asyncpg's default runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` on every release, a round trip per call. The store never changes session
+    state (no SET, LISTEN, cursors or session-level advisory locks; ``db init`` takes
+    a transaction-level lock), so there is nothing to undo.
+    """
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """:class:`~relate_smtp.storage.AdminStore` on PostgreSQL.
+
+    Made by :func:`open_postgres_store`, which owns the trio-asyncio loop the methods
+    run in; the methods may be called from any Trio task while that context is open.
+    """
+
+    def __init__(
+        self,
+        params: PostgresParams,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        pool: asyncpg.Pool,
+    ) -> None:
+        self._params = params
+        self._loop = loop
+        self._pool = pool
+        self._closed = False
+        self._acquire_timeout = params.connect_timeout
+
+    # -- the bridge --
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run the asyncio coroutine function ``fn(*args)`` on the store's loop."""
+        if self._closed:
+            raise StoreUnavailable("the PostgreSQL store is closed")
+        result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
+        return result
+
+    async def _with_connection(
+        self, op: Callable[[asyncpg.Connection], Awaitable[T]], budget: float | None = None
+    ) -> T:
+        """asyncio side: run ``op`` on a pooled connection, mapping transient failures.
+
+        ``budget`` (seconds) bounds the whole call: acquiring, connecting and querying.
+        """
+        try:
+            async with (
+                asyncio.timeout(budget),
+                self._pool.acquire(timeout=self._acquire_timeout) as con,
+            ):
+                return await op(con)
+        except (StoreUnavailable, SchemaMissing):
+            raise
+        except asyncpg.UndefinedTableError as exc:
+            raise SchemaMissing(
+                f"{exc}: the Relate tables are missing; run `relate-smtp db init`"
+            ) from exc
+        except Exception as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(exc)}") from exc
+            if isinstance(exc, asyncpg.PostgresError | asyncpg.DataError):
+                # The database refused the statement (a constraint, a value it cannot
+                # take): a permanent failure of this call, which rolled back.
+                raise StoreError(f"PostgreSQL refused the operation: {_describe(exc)}") from exc
+            raise
+
+    # -- Store --
+
+    async def find_user_by_address(self, address: str) -> User | None:
+        async def op(con: asyncpg.Connection) -> User | None:
+            row = await con.fetchrow(_FIND_USER, address)
+            if row is None:
+                return None
+            return User(id=row["Id"], email=row["Email"], display_name=row["DisplayName"])
+
+        return await self._run(self._with_connection, op)
+
+    async def user_addresses(self, user_id: uuid.UUID) -> tuple[str, ...]:
+        async def op(con: asyncpg.Connection) -> tuple[str, ...]:
+            rows = await con.fetch(_USER_ADDRESSES, user_id)
+            return tuple(dict.fromkeys(row["address"] for row in rows))
+
+        return await self._run(self._with_connection, op)
+
+    async def candidate_api_keys(self, user_id: uuid.UUID, prefix: str) -> Sequence[ApiKey]:
+        async def op(con: asyncpg.Connection) -> Sequence[ApiKey]:
+            rows = await con.fetch(_CANDIDATE_KEYS, user_id, prefix)
+            return [_api_key(row) for row in rows]
+
+        return await self._run(self._with_connection, op)
+
+    async def touch_api_keys(self, last_used: Mapping[uuid.UUID, datetime]) -> None:
+        if not last_used:
+            return
+        ids = list(last_used)
+        times = [_utc(last_used[key_id]) for key_id in ids]
+
+        async def op(con: asyncpg.Connection) -> None:
+            await con.execute(_TOUCH_KEYS, ids, times)
+
+        await self._run(self._with_connection, op)
+
+    async def save_email(self, email: NewEmail) -> SavedEmail:
+        lowered = sorted(
+            {a.lower() for a in email.envelope_recipients}
+            | {r.address.lower() for r in email.header_recipients}
+        )
+        parent = _bare_message_id(email.in_reply_to)
+
+        async def op(con: asyncpg.Connection) -> SavedEmail:
+            # Two round trips and no BEGIN/COMMIT: the rows go in with ONE statement,
+            # which PostgreSQL commits or rolls back as a whole. Resolving users and the
+            # thread in an explicit transaction first would add two round trips and no
+            # guarantee: under READ COMMITTED every statement takes a fresh snapshot.
+            users: dict[str, uuid.UUID] = {}
+            aliases: dict[str, uuid.UUID] = {}
+            thread_id: uuid.UUID | None = None
+            if lowered or parent:
+                bracketed = f"<{parent}>" if parent else None
+                for row in await con.fetch(_RESOLVE_FOR_SAVE, lowered, parent, bracketed):
+                    if row["rank"] == 2:
+                        thread_id = row["id"]
+                    else:
+                        target = users if row["rank"] == 0 else aliases
+                        target.setdefault(row["address"], row["id"])
+            rows = link_recipients(
+                email.header_recipients, email.envelope_recipients, aliases | users
+            )
+            await con.execute(_INSERT_EMAIL, *_insert_args(email, thread_id, rows))
+            linked = tuple(dict.fromkeys(r.user_id for r in rows if r.user_id is not None))
+            return SavedEmail(id=email.id, thread_id=thread_id, linked_user_ids=linked)
+
+        return await self._run(self._with_connection, op)
+
+    async def ping(self) -> None:
+        async def op(con: asyncpg.Connection) -> None:
+            await con.fetchval("SELECT 1", timeout=PING_TIMEOUT)
+
+        await self._run(self._with_connection, op, PING_TIMEOUT)
+
+    def pool_stats(self) -> PoolStats:
+        size = self._pool.get_size()
+        idle = self._pool.get_idle_size()
+        return PoolStats(active=max(size - idle, 0), maximum=self._pool.get_max_size())
+
+    async def aclose(self) -> None:
+        """Close the pool: wait briefly for connections in use, then cut them."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def close() -> None:
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._pool.terminate()
+
+        with trio.CancelScope(shield=True):
+            await trio_asyncio.aio_as_trio(close, loop=self._loop)()
+
+    # -- schema --
+
+    async def check_schema(self) -> None:
+        """Raise :class:`SchemaMissing` when a Relate table or column this host uses is
+        absent (the server calls this at start-up), :class:`StoreUnavailable` when the
+        database cannot be reached."""
+
+        async def op(con: asyncpg.Connection) -> dict[str, set[str]]:
+            found: dict[str, set[str]] = {}
+            for row in await con.fetch(_SCHEMA_COLUMNS, list(REQUIRED_COLUMNS)):
+                found.setdefault(row["relname"], set()).add(row["attname"])
+            return found
+
+        found = await self._run(self._with_connection, op)
+        missing_tables = [t for t in REQUIRED_COLUMNS if t not in found]
+        if missing_tables:
+            names = ", ".join(f'"{t}"' for t in missing_tables)
+            raise SchemaMissing(
+                f"the database has no {names} table(s); "
+                "run `relate-smtp db init` to create the Relate tables"
+            )
+        problems = [
+            f'"{table}" lacks ' + ", ".join(f'"{c}"' for c in sorted(columns - found[table]))
+            for table, columns in REQUIRED_COLUMNS.items()
+            if columns - found[table]
+        ]
+        if problems:
+            raise SchemaMissing(
+                "the Relate tables do not match what relate-smtp expects: "
+                + "; ".join(problems)
+                + " (`relate-smtp db init` never alters existing tables; "
+                "migrate the database with the platform)"
+            )
+
+    async def init_schema(self) -> None:
+        """Create the Relate tables and indexes that are missing (``relate-smtp db init``).
+
+        Idempotent; never drops or alters what exists. One transaction, serialised
+        across hosts by an advisory lock.
+        """
+        script = _schema_sql()
+
+        async def op(con: asyncpg.Connection) -> None:
+            async with con.transaction():
+                await con.execute(_INIT_LOCK)
+                await con.execute(script)
+
+        await self._run(self._with_connection, op)
+
+    # -- AdminStore --
+
+    async def create_user(
+        self, email: str, *, display_name: str | None, aliases: Collection[str]
+    ) -> User:
+        """Raises :class:`ValueError` when the address (or an alias) already belongs to
+        a user: mail for it would otherwise be delivered ambiguously."""
+        user_id = uuid.uuid4()
+        now = datetime.now(UTC)
+        email = _clip(email, EMAIL_ADDRESS_MAX)
+        display_name = _clip_opt(display_name, DISPLAY_NAME_MAX)
+        # One row per distinct address, compared case-insensitively like every lookup.
+        distinct = {email.lower(): email}
+        for alias in aliases:
+            distinct.setdefault(_clip(alias, EMAIL_ADDRESS_MAX).lower(), alias)
+        alias_list = list(distinct.values())[1:]
+        everyone = list(distinct)
+
+        async def op(con: asyncpg.Connection) -> User:
+            async with con.transaction():
+                taken = await con.fetch(_RESOLVE_FOR_SAVE, everyone, None, None)
+                if taken:
+                    raise ValueError(f"address {taken[0]['address']} already belongs to a user")
+                await con.execute(
+                    'INSERT INTO "Users" ("Id", "OidcSubject", "OidcIssuer", "Email", '
+                    '"DisplayName", "CreatedAt") VALUES ($1, $2, $3, $4, $5, $6)',
+                    user_id,
+                    str(user_id),
+                    CLI_OIDC_ISSUER,
+                    email,
+                    display_name,
+                    now,
+                )
+                if alias_list:
+                    await con.execute(
+                        'INSERT INTO "UserEmailAddresses" ("Id", "UserId", "Address", '
+                        '"IsVerified", "AddedAt") '
+                        "SELECT a.id, $1, a.address, true, $2 "
+                        "FROM unnest($3::uuid[], $4::text[]) AS a(id, address)",
+                        user_id,
+                        now,
+                        [_new_id() for _ in alias_list],
+                        alias_list,
+                    )
+            return User(id=user_id, email=email, display_name=display_name)
+
+        return await self._run(self._with_connection, op)
+
+    async def create_api_key(
+        self,
+        user_id: uuid.UUID,
+        *,
+        name: str,
+        key_hash: str,
+        key_prefix: str | None,
+        scopes: str,
+    ) -> ApiKey:
+        """Raises :class:`ValueError` when no user has ``user_id``."""
+        key = ApiKey(
+            id=uuid.uuid4(),
+            user_id=user_id,
+            name=_clip(name, KEY_NAME_MAX),
+            key_hash=key_hash,
+            key_prefix=key_prefix,
+            scopes=_clip(scopes, SCOPES_MAX),
+            created_at=datetime.now(UTC),
+        )
+
+        async def op(con: asyncpg.Connection) -> None:
+            try:
+                await con.execute(
+                    'INSERT INTO "SmtpApiKeys" ("Id", "UserId", "Name", "KeyHash", '
+                    '"KeyPrefix", "Scopes", "CreatedAt") VALUES ($1, $2, $3, $4, $5, $6, $7)',
+                    key.id,
+                    key.user_id,
+                    key.name,
+                    key.key_hash,
+                    key.key_prefix,
+                    key.scopes,
+                    key.created_at,
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise ValueError(f"no user with id {user_id}") from None
+
+        await self._run(self._with_connection, op)
+        return key
+
+    async def list_api_keys(self, user_id: uuid.UUID) -> Sequence[ApiKey]:
+        async def op(con: asyncpg.Connection) -> Sequence[ApiKey]:
+            rows = await con.fetch(
+                f'SELECT {_KEY_COLUMNS} FROM "SmtpApiKeys" WHERE "UserId" = $1 '
+                'ORDER BY "CreatedAt", "Id"',
+                user_id,
+            )
+            return [_api_key(row) for row in rows]
+
+        return await self._run(self._with_connection, op)
+
+    async def revoke_api_key(self, key_id: uuid.UUID) -> bool:
+        async def op(con: asyncpg.Connection) -> bool:
+            status = await con.execute(
+                'UPDATE "SmtpApiKeys" SET "RevokedAt" = $2 WHERE "Id" = $1 AND "RevokedAt" IS NULL',
+                key_id,
+                datetime.now(UTC),
+            )
+            return bool(status == "UPDATE 1")
+
+        return await self._run(self._with_connection, op)
+
+    async def list_emails(self, limit: int = 50) -> Sequence[StoredEmail]:
+        async def op(con: asyncpg.Connection) -> Sequence[StoredEmail]:
+            rows = await con.fetch(
+                f'SELECT {_EMAIL_COLUMNS} FROM "Emails" '
+                'ORDER BY "ReceivedAt" DESC, "Id" DESC LIMIT $1',
+                max(limit, 0),
+            )
+            ids = [row["Id"] for row in rows]
+            recipients: dict[uuid.UUID, list[RecipientRow]] = {}
+            if ids:
+                for r in await con.fetch(_RECIPIENTS_OF, ids):
+                    recipients.setdefault(r["EmailId"], []).append(_recipient(r))
+            return [_stored_email(row, tuple(recipients.get(row["Id"], ())), ()) for row in rows]
+
+        return await self._run(self._with_connection, op)
+
+    async def get_email(self, email_id: uuid.UUID) -> StoredEmail | None:
+        async def op(con: asyncpg.Connection) -> StoredEmail | None:
+            async with con.transaction(readonly=True, isolation="repeatable_read"):
+                row = await con.fetchrow(
+                    f'SELECT {_EMAIL_COLUMNS} FROM "Emails" WHERE "Id" = $1', email_id
+                )
+                if row is None:
+                    return None
+                recipients = await con.fetch(_RECIPIENTS_OF, [email_id])
+                attachments = await con.fetch(
+                    'SELECT "FileName", "ContentType", "Content" FROM "EmailAttachments" '
+                    'WHERE "EmailId" = $1 ORDER BY "Id"',
+                    email_id,
+                )
+            return _stored_email(
+                row,
+                tuple(_recipient(r) for r in recipients),
+                tuple(
+                    Attachment(
+                        file_name=a["FileName"],
+                        content_type=a["ContentType"],
+                        content=bytes(a["Content"]),
+                    )
+                    for a in attachments
+                ),
+            )
+
+        return await self._run(self._with_connection, op)
+
+
+def _insert_args(
+    email: NewEmail, thread_id: uuid.UUID | None, rows: Sequence[RecipientRow]
+) -> tuple[object, ...]:
+    """The 23 parameters of :data:`_INSERT_EMAIL`, clipped and cleaned.
+
+    A missing required value stays ``None`` so the database refuses the whole message
+    (a :class:`StoreError`) rather than storing a made-up one.
+    """
+    return (
+        email.id,
+        _clip_opt(email.message_id, MESSAGE_ID_MAX),
+        _clip_opt(email.from_address, EMAIL_ADDRESS_MAX),
+        _clip_opt(_clean_text(email.from_display_name), DISPLAY_NAME_MAX),
+        _clip_opt(_clean_text(email.subject), SUBJECT_MAX),
+        _clean_text(email.text_body),
+        _clean_text(email.html_body),
+        _utc(email.received_at),
+        email.size_bytes,
+        _clip_opt(email.in_reply_to, IN_REPLY_TO_MAX),
+        _clip_opt(email.references, REFERENCES_MAX),
+        thread_id,
+        email.sent_by_user_id,
+        [_new_id() for _ in rows],
+        [_clip_opt(r.address, EMAIL_ADDRESS_MAX) for r in rows],
+        [_clip_opt(_clean_text(r.display_name), DISPLAY_NAME_MAX) for r in rows],
+        [_clip_opt(r.type, RECIPIENT_TYPE_MAX) for r in rows],
+        [r.user_id for r in rows],
+        [_new_id() for _ in email.attachments],
+        [_clip_opt(_clean_text(a.file_name), FILE_NAME_MAX) for a in email.attachments],
+        [_clip_opt(a.content_type, CONTENT_TYPE_MAX) for a in email.attachments],
+        [a.size_bytes for a in email.attachments],
+        [a.content for a in email.attachments],
+    )
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    connection: PostgresParams | str,
+) -> AsyncIterator[PostgresStore]:
+    """Open the PostgreSQL store for the duration of the ``async with`` block.
+
+    ``connection`` is parsed parameters or ``ConnectionStrings:DefaultConnection`` itself
+    (a bad string raises :class:`ValueError` before anything is opened).
+
+    Runs the process's trio-asyncio loop for that duration (or joins the one already
+    open in this task, so the loop is never doubled), creates the connection pool
+    without connecting, and closes both on exit. Never raises because the database is
+    down: calls raise :class:`StoreUnavailable` until it is back. Call
+    :meth:`PostgresStore.check_schema` at start-up to refuse a database without tables.
+
+    Methods may be called from any Trio task while the block is open, including tasks
+    of nurseries opened outside it; they must not be called after it exits.
+    """
+    params = parse_connection_string(connection) if isinstance(connection, str) else connection
+    existing = trio_asyncio.current_loop.get()
+    if existing is not None:
+        async with _store_on(existing, params) as store:
+            yield store
+        return
+    async with trio_asyncio.open_loop() as loop, _store_on(loop, params) as store:
+        yield store
+
+
+@asynccontextmanager
+async def _store_on(
+    loop: asyncio.AbstractEventLoop, params: PostgresParams
+) -> AsyncIterator[PostgresStore]:
+    async def create() -> asyncpg.Pool:
+        pool = _create_pool(params)
+        await pool  # init_size=0: sets up the slots, opens no connection
+        return pool
+
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(_log_loop_error)
+    try:
+        pool = await trio_asyncio.aio_as_trio(create, loop=loop)()
+        store = PostgresStore(params, loop=loop, pool=pool)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+    finally:
+        loop.set_exception_handler(previous_handler)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log what asyncio reports about orphaned futures and tasks instead of raising it.
+
+    trio-asyncio's default handler re-raises such reports inside the loop's nursery,
+    which would end the loop and with it the server. asyncpg leaves some behind when a
+    connection dies during its TLS negotiation or while being reset for the pool — the
+    very outages the store must outlive — and the call that suffered it has already
+    raised :class:`StoreUnavailable`.
+    """
+    exc = context.get("exception")
+    log.warning(
+        "PostgreSQL driver: %s%s",
+        context.get("message") or "unhandled error",
+        f" ({_describe(exc)})" if exc is not None else "",
+    )

@@ -1,0 +1,175 @@
+"""The ``relate-smtp`` command as a user runs it: a subprocess per command."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
+
+
+def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("Smtp__", "Storage__"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "relate_smtp", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+class ServeProcess:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relate_smtp",
+                "serve",
+                "--Smtp:Port=0",
+                "--Smtp:SecurePort=0",
+                "--HealthCheck:Url=http://127.0.0.1:0",
+                *args,
+            ],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.ports: dict[str, int] = {}
+
+    def wait_listening(self, names: set[str], timeout: float = 30) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while not names <= self.ports.keys():
+            assert time.monotonic() < deadline, "server did not start:\n" + "".join(self.lines)
+            line = self.proc.stderr.readline()
+            if not line:
+                raise AssertionError("server exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            match = LISTENING.search(line)
+            if match:
+                self.ports[match.group(1)] = int(match.group(3))
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        _, rest = self.proc.communicate(timeout=timeout)
+        self.lines.append(rest)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[type[ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def factory(*args: str) -> ServeProcess:
+        proc = ServeProcess(tmp_path, *args)
+        started.append(proc)
+        return proc
+
+    yield factory  # type: ignore[misc]
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def test_users_keys_and_mail_commands(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    run_cli(
+        tmp_path,
+        "users",
+        "add",
+        "alice@example.com",
+        "--name",
+        "Alice",
+        "--alias",
+        "al@example.com",
+    )
+    created = run_cli(tmp_path, "keys", "create", "alice@example.com", "--name", "laptop")
+    key = created.stdout.strip()
+    assert "\n" not in key and len(key) >= 32, "keys create prints the raw key alone"
+    listed = run_cli(tmp_path, "keys", "list", "alice@example.com").stdout
+    assert "laptop" in listed and key[:12] in listed and key not in listed
+
+    server = serve()
+    server.wait_listening({"submission", "health"} - {"health"})
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as smtp:
+        smtp.login("al@example.com", key)
+        smtp.sendmail(
+            "alice@example.com",
+            ["bob@example.org"],
+            b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\n"
+            b"Subject: CLI test\r\n\r\nHello\r\n",
+        )
+    assert server.stop() == 0
+
+    mail = run_cli(tmp_path, "mail", "list").stdout
+    assert "CLI test" in mail
+    email_id = mail.split()[0]
+    shown = run_cli(tmp_path, "mail", "show", email_id).stdout
+    assert "Subject:     CLI test" in shown and "Hello" in shown
+
+    key_id = listed.split()[0]
+    run_cli(tmp_path, "keys", "revoke", key_id)
+    assert "revoked" in run_cli(tmp_path, "keys", "list", "alice@example.com").stdout
+    again = run_cli(tmp_path, "keys", "revoke", key_id, check=False)
+    assert again.returncode == 1 and "no active key" in again.stderr
+
+
+def test_serve_logs_listening_lines_and_exits_0_on_sigterm(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    server = serve()
+    server.wait_listening({"submission"})
+    assert server.stop() == 0
+    log = "".join(server.lines)
+    assert "Starting SMTP server on port 0 (plain)" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--Smtp:Port=abc"], "Smtp:Port"),
+        (["--Smtp:Mx:Enabled=true"], "Smtp:Mx:HostedDomains"),
+        (["--Smtp:CertificatePath=/nonexistent/cert.pfx"], "Smtp:CertificatePath"),
+    ],
+)
+def test_bad_configuration_exits_2(tmp_path: Path, args: list[str], fragment: str) -> None:
+    result = run_cli(tmp_path, "serve", "--Smtp:Port=0", *args, check=False)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run_cli(
+            tmp_path,
+            "serve",
+            f"--Smtp:Port={port}",
+            "--Smtp:SecurePort=0",
+            "--HealthCheck:Url=http://127.0.0.1:0",
+            check=False,
+        )
+    assert result.returncode == 2
+    assert "Smtp:Port" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,173 @@
+"""Limits: command line length, recipients, errors per session, buffered input."""
+
+from __future__ import annotations
+
+import pytest
+
+from relate_smtp.protocol import BareLineEndings, ConnectionClosed, MailFrom, RcptTo, State
+
+from .helpers import connect, drain, feed, greeted, replies, talk
+
+
+def test_command_line_of_exactly_512_octets_is_accepted() -> None:
+    conn = connect()
+    line = b"NOOP " + b"x" * (512 - 7) + b"\r\n"
+    assert len(line) == 512
+    _, lines = talk(conn, line)
+    assert lines == ["250 2.0.0 OK"]
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 600])
+def test_over_long_command_line_is_answered_once(pieces: int) -> None:
+    conn = connect()
+    line = b"NOOP " + b"x" * 5000 + b"\r\n"
+    size = -(-len(line) // pieces)
+    _, lines = talk(conn, *[line[i : i + size] for i in range(0, len(line), size)], b"NOOP\r\n")
+    assert lines == ["500 5.5.2 Line too long", "250 2.0.0 OK"]
+
+
+def test_over_long_line_is_not_held_in_memory() -> None:
+    conn = connect()
+    for _ in range(100):
+        feed(conn, b"x" * 100_000)
+    # nothing answered yet: the line has not ended
+    assert conn.data_to_send() == b""
+    _, lines = talk(conn, b"\r\nNOOP\r\n")
+    assert lines == ["500 5.5.2 Line too long", "250 2.0.0 OK"]
+
+
+def test_over_long_line_with_smuggled_command_after_it() -> None:
+    conn = greeted()
+    _, lines = talk(conn, b"NOOP " + b"x" * 600 + b"QUIT\r\n")
+    assert lines == ["500 5.5.2 Line too long"]
+    assert not conn.closed
+
+
+def test_recipient_limit() -> None:
+    conn = greeted(max_recipients=3)
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n")
+    conn.data_to_send()
+    events, lines = talk(conn, *[b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(5)])
+    assert lines == ["250 2.1.5 Recipient OK"] * 3 + ["452 4.5.3 Too many recipients"] * 2
+    assert len([e for e in events if isinstance(e, RcptTo)]) == 3
+
+
+def test_recipient_limit_counts_only_accepted_recipients() -> None:
+    from relate_smtp.protocol import UNKNOWN_USER
+
+    conn = greeted(max_recipients=2)
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n")
+    conn.data_to_send()
+    verdicts = iter([UNKNOWN_USER, None, None, None])
+    _, lines = talk(
+        conn,
+        *[b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(4)],
+        policy=lambda d: next(verdicts),
+    )
+    assert lines == [
+        "550 5.1.1 No such user here",
+        "250 2.1.5 Recipient OK",
+        "250 2.1.5 Recipient OK",
+        "452 4.5.3 Too many recipients",
+    ]
+
+
+def test_recipient_count_resets_with_the_transaction() -> None:
+    conn = greeted(max_recipients=1)
+    body = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nx\r\n.\r\n"
+    _, lines = talk(conn, body, body)
+    assert lines.count("250 2.1.5 Recipient OK") == 2
+
+
+def test_too_many_errors_closes_with_421() -> None:
+    conn = connect(max_errors=3)
+    events, lines = talk(conn, b"BAD\r\n" * 3)
+    assert lines == ["500 5.5.2 Command not recognized"] * 3
+    assert not conn.closed
+    events, lines = talk(conn, b"BAD\r\nNOOP\r\n")
+    assert lines == [
+        "500 5.5.2 Command not recognized",
+        "421 4.7.0 Too many errors, closing channel",
+    ]
+    assert events == [ConnectionClosed()]
+    assert conn.closed
+    assert conn.state is State.CLOSED
+
+
+def test_every_kind_of_error_counts() -> None:
+    conn = connect(max_errors=4, bare_line_endings=BareLineEndings.REJECT)
+    _, lines = talk(
+        conn,
+        b"MAIL FROM:<a@b.example>\r\n",  # 503
+        b"NOOP " + b"x" * 600 + b"\r\n",  # 500 too long
+        b"EHLO\r\n",  # 501
+        b"NOOP\n",  # 500 bare LF
+        b"FOO\r\n",  # 500, the fifth: over the limit
+    )
+    assert lines[-1] == "421 4.7.0 Too many errors, closing channel"
+    assert len(lines) == 6
+
+
+def test_application_rejections_do_not_count() -> None:
+    from relate_smtp.protocol import UNKNOWN_USER
+
+    conn = greeted(max_errors=1)
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n")
+    conn.data_to_send()
+    _, lines = talk(
+        conn, *[b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(5)], policy=lambda d: UNKNOWN_USER
+    )
+    assert lines == ["550 5.1.1 No such user here"] * 5
+    assert not conn.closed
+
+
+def test_pipelined_input_is_handled_in_order_and_batched() -> None:
+    conn = greeted()
+    batch = (
+        b"MAIL FROM:<a@b.example>\r\n"
+        b"RCPT TO:<c@d.example>\r\n"
+        b"RCPT TO:<bad>\r\n"
+        b"RCPT TO:<e@f.example>\r\n"
+        b"DATA\r\n"
+        b"body\r\n.\r\n"
+        b"MAIL FROM:<>\r\n"
+        b"RSET\r\n"
+        b"QUIT\r\n"
+    )
+    conn.receive_data(batch)
+    events = drain(conn)
+    assert [type(e).__name__ for e in events] == [
+        "MailFrom",
+        "RcptTo",
+        "RcptTo",
+        "MessageStart",
+        "MessageChunk",
+        "MessageEnd",
+        "MailFrom",
+        "Reset",
+        "Quit",
+        "ConnectionClosed",
+    ]
+    assert replies(conn.data_to_send()) == [
+        "250 2.1.0 Sender OK",
+        "250 2.1.5 Recipient OK",
+        "501 5.1.3 Bad recipient address syntax",
+        "250 2.1.5 Recipient OK",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 OK",
+        "250 2.1.0 Sender OK",
+        "250 2.0.0 OK",
+        "221 2.0.0 Bye",
+    ]
+
+
+def test_pipelined_replies_wait_for_each_decision() -> None:
+    conn = greeted()
+    conn.receive_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    assert isinstance(conn.next_event(), MailFrom)
+    assert conn.data_to_send() == b""  # nothing can be said before MAIL is answered
+    conn.accept()
+    assert conn.data_to_send() == b"250 2.1.0 Sender OK\r\n"
+    assert isinstance(conn.next_event(), RcptTo)
+    conn.accept()
+    assert conn.data_to_send() == b"250 2.1.5 Recipient OK\r\n"

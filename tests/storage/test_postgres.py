@@ -1,0 +1,688 @@
+"""PostgreSQL backend: connection strings, schema, platform compatibility, outages.
+
+What every store must do is in the shared contract suite; this module covers what only
+the PostgreSQL store has: Npgsql/URL connection strings, `db init` against existing
+databases, the platform's EF schema, and behaviour while the server is down or kills
+connections.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import attrs
+import pytest
+import trio
+
+from relate_smtp.storage import (
+    SavedEmail,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+)
+from relate_smtp.storage.connstring import (
+    DEFAULT_MAX_POOL_SIZE,
+    PostgresParams,
+    parse_connection_string,
+    redacted,
+)
+from relate_smtp.storage.postgres import open_postgres_store
+from relate_smtp.storage.records import (
+    RECIPIENT_BCC,
+    RECIPIENT_TO,
+    SUBJECT_MAX,
+    NewEmail,
+)
+from tests.storage.helpers import attachment, bcc, cc, new_email, to
+from tests.storage.pg_support import (
+    TABLES,
+    PostgresTestBackend,
+    TempDatabase,
+    open_postgres_backend,
+    postgres_available,
+    temporary_database,
+)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+SECRET = "s3cret;pw'x"
+QUOTED = "'s3cret;pw''x'"  # SECRET as a quoted Npgsql value
+
+# --- connection strings (no server needed) ---------------------------------------------
+
+P = PostgresParams
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Host=db.internal;Port=5433;Database=relate;Username=relate;Password=pw",
+            P(host="db.internal", port=5433, database="relate", user="relate", password="pw"),
+        ),
+        # keys are case-insensitive, spaces inside keys don't matter, Npgsql synonyms
+        (
+            "server=db;DB=relate;User Id=u;PWD=pw;SSL Mode=VerifyFull;Minimum Pool Size=2;"
+            "Max Pool Size=7;Timeout=3;Command Timeout=9;Application Name=smtp-a",
+            P(
+                host="db",
+                database="relate",
+                user="u",
+                password="pw",
+                ssl="verify-full",
+                min_pool_size=2,
+                max_pool_size=7,
+                connect_timeout=3.0,
+                command_timeout=9.0,
+                application_name="smtp-a",
+            ),
+        ),
+        ("Host=db;UserId=u", P(host="db", user="u")),
+        ("Host=db;User Name=u", P(host="db", user="u")),
+        ("Host=db;User=u;SslMode=require", P(host="db", user="u", ssl="require")),
+        ("Host=db;SSL Mode=Disable", P(host="db", ssl="disable")),
+        ("Host=db;sslmode=verify-ca", P(host="db", ssl="verify-ca")),
+        # quoting: ';' and '=' inside quotes, doubled quotes, surrounding blanks
+        (
+            "Host = db ; Password=\"a;b=c\"\"d\" ; Username='o''brien';",
+            P(host="db", password='a;b=c"d', user="o'brien"),
+        ),
+        ("Host=db;Password='s3cret;pw''x'", P(host="db", password=SECRET)),
+        # keys Npgsql knows that only tune Npgsql are accepted and ignored
+        (
+            "Host=db;Pooling=true;Include Error Detail=true;Trust Server Certificate=true;"
+            "Keepalive=30;Enlist=false;Max Auto Prepare=20;Connection Idle Lifetime=60",
+            P(host="db"),
+        ),
+        (
+            "Host=db;Timeout=0;Command Timeout=0",
+            P(host="db", connect_timeout=None, command_timeout=None),
+        ),
+        ("Host=db:6543;Database=x", P(host="db", port=6543, database="x")),
+        ("Host=/var/run/postgresql", P(host="/var/run/postgresql")),
+        ("Host=db;Search Path=relate,public", P(host="db", search_path="relate,public")),
+        ("Host=a;Server=b", P(host="b")),  # the last of two synonyms wins, as in Npgsql
+        # URLs
+        (
+            "postgresql://relate:p%40ss%3Bw@db.example:5434/relate_db?sslmode=require"
+            "&application_name=smtp&connect_timeout=4",
+            P(
+                host="db.example",
+                port=5434,
+                user="relate",
+                password="p@ss;w",
+                database="relate_db",
+                ssl="require",
+                application_name="smtp",
+                connect_timeout=4.0,
+            ),
+        ),
+        ("postgres://u@db/relate", P(host="db", user="u", database="relate")),
+        ("POSTGRESQL://[::1]:5432/x", P(host="::1", database="x")),
+        (
+            "postgresql:///relate?host=%2Fvar%2Frun%2Fpostgresql&user=me",
+            P(host="/var/run/postgresql", database="relate", user="me"),
+        ),
+        (
+            "postgresql://db/x?max_pool_size=50&min_pool_size=5&command_timeout=2.5",
+            P(host="db", database="x", max_pool_size=50, min_pool_size=5, command_timeout=2.5),
+        ),
+    ],
+)
+def test_parse_connection_string(text: str, expected: PostgresParams) -> None:
+    assert parse_connection_string(text) == expected
+
+
+def test_defaults_keep_the_pool_small() -> None:
+    params = parse_connection_string("Host=db")
+
+    assert params.max_pool_size == DEFAULT_MAX_POOL_SIZE <= 20
+    assert (params.port, params.min_pool_size, params.ssl) == (5432, 0, None)
+    assert (params.connect_timeout, params.command_timeout) == (15.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        (f"Database=relate;Password={QUOTED}", "Host is required"),
+        (f"Host=db;Databse=relate;Password={QUOTED}", "unknown key 'Databse'"),
+        (f"Host=db;Port=fifty;Password={QUOTED}", "Port must be a whole number"),
+        (f"Host=db;Port=70000;Password={QUOTED}", "Port must be between 1 and 65535"),
+        (f"Host=db;Password={QUOTED};SSL Mode=Sometimes", "SSL Mode must be one of"),
+        ("Host=db;Password='s3cret;pw", "unterminated quoted value for 'Password'"),
+        (f"Host=db;Password={QUOTED} trailing", "unexpected text after the quoted value"),
+        (f"Host=db;Password={QUOTED};Min Pool Size=9;Max Pool Size=3", "exceeds Maximum"),
+        (f"Host=db;Password={QUOTED};Max Pool Size=0", "Max Pool Size must be between"),
+        (f"Host=db;Password={QUOTED};Timeout=-1", "Timeout must be zero or a positive"),
+        (f"Host=db;Password={QUOTED};Root Certificate=/ca.pem", "not supported"),
+        (f"Host=db1,db2;Password={QUOTED}", "multiple hosts"),
+        (f"Host=db;Password={QUOTED};Host", "'Host' has no '=value'"),
+        (f"=x;Password={QUOTED}", "no key"),
+        ("mysql://u:s3cret;pw'x@db/x", "unsupported URL scheme 'mysql'"),
+        ("postgresql://u:s3cret;pw'x@db:notaport/x", "host or port is malformed"),
+        ("postgresql://u:s3cret;pw'x@db/x?frobnicate=1", "unknown URL parameter 'frobnicate'"),
+        ("postgresql://u:s3cret;pw'x@db/x?sslmode=maybe", "sslmode must be one of"),
+        ("postgresql://u:s3cret;pw'x@db/x/y", "just the database name"),
+        ("postgresql://u:s3cret;pw'x@/x", "Host is required"),
+    ],
+)
+def test_bad_connection_strings_say_what_is_wrong_without_the_password(
+    text: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match="connection string") as caught:
+        parse_connection_string(text)
+
+    assert message in str(caught.value)
+    for fragment in ("s3cret", SECRET):
+        assert fragment not in str(caught.value)
+
+
+def test_redacted_hides_the_password() -> None:
+    params = parse_connection_string(f"Host=db;Username=u;Password={QUOTED};Database=r")
+
+    text = redacted(params)
+
+    assert "s3cret" not in text and "s3cret" not in repr(params)
+    assert "host=db" in text and "user=u" in text and "password=***" in text
+
+
+# --- helpers for the database tests ------------------------------------------------------
+
+
+def pg(test: F) -> F:
+    """A test that needs the PostgreSQL server (a skip without it, a failure in CI)."""
+    marked: F = pytest.mark.usefixtures(postgres_available.__name__)(pytest.mark.postgres(test))
+    return marked
+
+
+@pytest.fixture
+async def backend(postgres_available: None) -> AsyncIterator[PostgresTestBackend]:
+    async with open_postgres_backend() as opened:
+        yield opened
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def _columns(db: TempDatabase) -> dict[tuple[str, str], tuple[str, str]]:
+    rows = await db.fetch(
+        "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = ANY($1::text[])",
+        list(TABLES),
+    )
+    return {(r["table_name"], r["column_name"]): (r["data_type"], r["is_nullable"]) for r in rows}
+
+
+async def _names(db: TempDatabase, sql: str) -> set[str]:
+    return {r[0] for r in await db.fetch(sql, list(TABLES))}
+
+
+_INDEXES = "SELECT indexname FROM pg_indexes WHERE tablename = ANY($1::text[])"
+_CONSTRAINTS = (
+    "SELECT conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid"
+    " WHERE t.relname = ANY($1::text[]) AND c.contype IN ('p', 'f')"
+)
+
+
+async def _count(db: TempDatabase, table: str) -> int:
+    assert table in TABLES
+    return int(await db.fetchval(f'SELECT count(*) FROM "{table}"'))
+
+
+def _message_to(*addresses: str, **changes: object) -> NewEmail:
+    return new_email(
+        header_recipients=tuple(to(a) for a in addresses),
+        envelope_recipients=addresses,
+        attachments=(attachment("a.bin", b"\x00\x01payload"),),
+        **changes,
+    )
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+@pg
+async def test_check_schema_on_an_empty_database_names_db_init() -> None:
+    async with temporary_database("empty") as db, open_postgres_store(db.params) as store:
+        with pytest.raises(SchemaMissing, match="relate-smtp db init") as caught:
+            await store.check_schema()
+        assert '"Users"' in str(caught.value)
+
+        # a store method on the missing tables says the same, rather than a bare SQL error
+        with pytest.raises(SchemaMissing, match="relate-smtp db init"):
+            await store.find_user_by_address("a@example.com")
+
+
+@pg
+async def test_init_schema_is_idempotent_and_leaves_existing_tables_alone() -> None:
+    async with temporary_database("empty") as db, open_postgres_store(db.params) as store:
+        # An existing "Users" with a column of the platform's and a row in it.
+        await db.execute(
+            'CREATE TABLE "Users" ("Id" uuid PRIMARY KEY, "OidcSubject" varchar(500) NOT NULL,'
+            ' "OidcIssuer" varchar(500) NOT NULL, "Email" varchar(320) NOT NULL,'
+            ' "DisplayName" varchar(500), "CreatedAt" timestamptz NOT NULL,'
+            ' "LastLoginAt" timestamptz, "Theme" text NOT NULL DEFAULT \'dark\')'
+        )
+        user_id = uuid.uuid4()
+        await db.execute(
+            'INSERT INTO "Users" ("Id", "OidcSubject", "OidcIssuer", "Email", "CreatedAt")'
+            " VALUES ($1, 'sub', 'https://idp', 'kept@example.com', now())",
+            user_id,
+        )
+
+        await store.init_schema()
+        first = (await _columns(db), await _names(db, _INDEXES))
+        await store.init_schema()
+
+        assert (await _columns(db), await _names(db, _INDEXES)) == first
+        assert await db.fetchval('SELECT "Theme" FROM "Users" WHERE "Id" = $1', user_id) == "dark"
+        assert (await store.find_user_by_address("KEPT@example.com")) is not None
+        await store.check_schema()
+
+
+@pg
+async def test_init_schema_matches_the_platforms_ef_schema() -> None:
+    """Same columns, types, nullability, key and index names as the EF migrations make
+    (the platform may have more indexes; db init adds none of its own)."""
+    async with temporary_database("init") as ours, temporary_database("platform") as theirs:
+        assert await _columns(ours) == await _columns(theirs)
+        assert await _names(ours, _CONSTRAINTS) == await _names(theirs, _CONSTRAINTS)
+        assert await _names(ours, _INDEXES) <= await _names(theirs, _INDEXES)
+        assert await ours.fetchval(
+            "SELECT column_default FROM information_schema.columns"
+            " WHERE table_name = 'SmtpApiKeys' AND column_name = 'Scopes'"
+        ) == await theirs.fetchval(
+            "SELECT column_default FROM information_schema.columns"
+            " WHERE table_name = 'SmtpApiKeys' AND column_name = 'Scopes'"
+        )
+
+
+@pg
+async def test_check_schema_names_a_missing_column() -> None:
+    async with temporary_database("init") as db, open_postgres_store(db.params) as store:
+        await db.execute('ALTER TABLE "Emails" DROP COLUMN "ThreadId"')
+
+        with pytest.raises(SchemaMissing, match='"Emails" lacks "ThreadId"'):
+            await store.check_schema()
+
+
+@pg
+async def test_the_platforms_database_works_without_db_init() -> None:
+    async with open_postgres_backend(schema="platform") as b:
+        store, db = b.store, b.db
+        await store.check_schema()
+        alice = await store.create_user("Alice@Example.com", display_name="A", aliases=["a@x.org"])
+        legacy_key = uuid.uuid4()
+        await db.execute(
+            'INSERT INTO "SmtpApiKeys" ("Id", "UserId", "Name", "KeyHash", "CreatedAt")'
+            " VALUES ($1, $2, 'old', '$2a$11$h', now())",
+            legacy_key,
+            alice.id,
+        )
+        label = uuid.uuid4()
+        await db.execute(
+            'INSERT INTO "Labels" ("Id", "UserId", "Name", "Color", "CreatedAt")'
+            " VALUES ($1, $2, 'Work', '#ff0000', now())",
+            label,
+            alice.id,
+        )
+
+        (key,) = await store.candidate_api_keys(alice.id, "rk_123456789")
+        assert (key.id, key.key_prefix, key.scopes) == (legacy_key, None, "[]")
+        assert await store.find_user_by_address("A@X.ORG") == alice
+        saved = await store.save_email(_message_to("a@x.org"))
+        assert saved.linked_user_ids == (alice.id,)
+        got = await store.get_email(saved.id)
+        assert got is not None and got.attachments[0].content == b"\x00\x01payload"
+        assert await db.fetchval('SELECT count(*) FROM "Labels"') == 1
+        assert await db.fetchval('SELECT count(*) FROM "__EFMigrationsHistory"') == 5
+
+        await store.init_schema()  # harmless on the platform's database too
+        assert await db.fetchval('SELECT count(*) FROM "Labels"') == 1
+
+
+# --- queries -----------------------------------------------------------------------------
+
+
+@pg
+async def test_exact_and_case_insensitive_lookups_find_the_same_user(
+    backend: PostgresTestBackend,
+) -> None:
+    store = backend.store
+    bob = await store.create_user("Bob@Example.com", display_name=None, aliases=["B@Example.com"])
+    await backend.raw.add_alias(bob.id, "pending@example.com", verified=False)
+
+    for address in ("Bob@Example.com", "bob@example.com", "b@example.COM"):
+        assert await store.find_user_by_address(address) == bob
+    assert await store.find_user_by_address("pending@example.com") is None
+    assert await store.find_user_by_address("") is None
+
+
+@pg
+async def test_touch_api_keys_never_moves_last_used_backwards(
+    backend: PostgresTestBackend,
+) -> None:
+    store = backend.store
+    user = await store.create_user("k@example.com", display_name=None, aliases=())
+    key = await store.create_api_key(
+        user.id, name="k", key_hash="h", key_prefix="rk_000000000", scopes='["smtp"]'
+    )
+    later = datetime(2024, 6, 1, tzinfo=UTC)
+
+    await store.touch_api_keys({key.id: later})
+    await store.touch_api_keys({key.id: later - timedelta(hours=1), uuid.uuid4(): later})
+
+    (got,) = await store.list_api_keys(user.id)
+    assert got.last_used_at == later
+
+
+@pg
+async def test_save_links_threads_and_keeps_header_order(backend: PostgresTestBackend) -> None:
+    store = backend.store
+    alice = await store.create_user("alice@example.com", display_name=None, aliases=())
+    carol = await store.create_user("carol@example.com", display_name=None, aliases=())
+    parent = await store.save_email(new_email(message_id="p@example.com"))
+    headers = (
+        to("zed@remote.example"),
+        to("alice@example.com", "Alice"),
+        cc("carol@example.com"),
+        bcc("yan@remote.example"),
+    )
+    big = bytes(range(256)) * 4096  # 1 MiB of every byte value
+
+    saved = await store.save_email(
+        new_email(
+            in_reply_to="<p@example.com>",
+            header_recipients=headers,
+            envelope_recipients=("alice@example.com", "dave@remote.example", "CAROL@example.com"),
+            attachments=(attachment("big.bin", big), attachment("b.txt", b"b", "text/plain")),
+        )
+    )
+
+    assert saved == SavedEmail(
+        id=saved.id, thread_id=parent.id, linked_user_ids=(alice.id, carol.id)
+    )
+    got = await store.get_email(saved.id)
+    assert got is not None
+    assert [(r.address, r.type, r.user_id) for r in got.recipients] == [
+        ("zed@remote.example", RECIPIENT_TO, None),
+        ("alice@example.com", RECIPIENT_TO, alice.id),
+        ("carol@example.com", "Cc", carol.id),
+        ("yan@remote.example", RECIPIENT_BCC, None),
+    ]
+    assert [a.file_name for a in got.attachments] == ["big.bin", "b.txt"]
+    assert got.attachments[0].content == big
+    sizes = await backend.db.fetch(
+        'SELECT "SizeBytes", length("Content") AS n FROM "EmailAttachments" WHERE "EmailId" = $1',
+        saved.id,
+    )
+    assert sorted((r["SizeBytes"], r["n"]) for r in sizes) == [(1, 1), (len(big), len(big))]
+    assert await backend.db.fetchval(
+        'SELECT bool_and(NOT "IsRead") FROM "EmailRecipients" WHERE "EmailId" = $1', saved.id
+    )
+
+
+@pg
+async def test_save_clips_and_cleans_rather_than_failing(backend: PostgresTestBackend) -> None:
+    store = backend.store
+
+    saved = await store.save_email(
+        new_email(
+            subject="s" * (SUBJECT_MAX + 50),
+            text_body="nul\x00here \ud800 lone",
+            header_recipients=(to("x@remote.example", "N\x00ame"),),
+            received_at=datetime(2024, 1, 1, 12, 0),  # naive: taken as UTC
+        )
+    )
+
+    got = await store.get_email(saved.id)
+    assert got is not None
+    assert got.subject == "s" * SUBJECT_MAX
+    assert got.text_body == "nulhere \ufffd lone"
+    assert got.recipients[0].display_name == "Name"
+    assert got.received_at == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pg
+async def test_pool_stats_count_connections_in_use(backend: PostgresTestBackend) -> None:
+    store, db = backend.store, backend.db
+    assert store.pool_stats().maximum == db.params.max_pool_size
+
+    async with trio.open_nursery() as nursery, _tables_locked(db):
+        for _ in range(3):
+            nursery.start_soon(store.save_email, new_email())
+        await _wait_for_blocked_saves(db, 3)
+        assert store.pool_stats().active == 3
+    assert store.pool_stats().active == 0
+
+
+# --- outages -----------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _tables_locked(db: TempDatabase) -> AsyncIterator[None]:
+    """Hold an EXCLUSIVE lock on "EmailAttachments": saves block inside their
+    transaction, at their last insert, until the context exits."""
+    async with db.session() as session:
+        await session.execute("BEGIN")
+        await session.execute('LOCK TABLE "EmailAttachments" IN EXCLUSIVE MODE')
+        try:
+            yield
+        finally:
+            await session.execute("ROLLBACK")
+
+
+async def _wait_for_blocked_saves(db: TempDatabase, count: int) -> None:
+    """Until ``count`` store sessions wait on a lock (polling pg_stat_activity)."""
+    with trio.fail_after(10):
+        while True:
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+                " AND application_name = $2 AND wait_event_type = 'Lock'",
+                db.name,
+                db.params.application_name,
+            )
+            if waiting >= count:
+                return
+            await trio.sleep(0.02)
+
+
+@pg
+async def test_connections_killed_mid_transaction_roll_back_and_the_store_recovers(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    user = await store.create_user("u@example.com", display_name=None, aliases=())
+    outcomes: dict[uuid.UUID, SavedEmail | BaseException] = {}
+    emails = [_message_to("u@example.com") for _ in range(4)]
+
+    async def save(email: NewEmail) -> None:
+        try:
+            outcomes[email.id] = await store.save_email(email)
+        except StoreError as exc:
+            outcomes[email.id] = exc
+
+    async with _tables_locked(db), trio.open_nursery() as nursery:
+        for email in emails:
+            nursery.start_soon(save, email)
+        await _wait_for_blocked_saves(db, len(emails))
+        assert await db.terminate_connections(db.params.application_name or "") >= len(emails)
+
+    assert all(isinstance(outcomes[e.id], StoreUnavailable) for e in emails)
+    for table in ("Emails", "EmailRecipients", "EmailAttachments"):
+        assert await _count(db, table) == 0
+
+    # no restart: the next calls reconnect
+    later = await store.save_email(_message_to("u@example.com"))
+    assert later.linked_user_ids == (user.id,)
+    await store.ping()
+
+
+@pg
+async def test_a_burst_of_saves_survives_connections_being_killed(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    await store.create_user("u@example.com", display_name=None, aliases=())
+    total, concurrency, kill_every = 300, 20, 40
+    emails = [_message_to("u@example.com", "x@remote.example") for _ in range(total)]
+    outcomes: dict[uuid.UUID, SavedEmail | BaseException] = {}
+    limiter = trio.Semaphore(concurrency)
+    progress = trio.Condition()
+    kills = 0
+
+    async def save(email: NewEmail) -> None:
+        async with limiter:
+            try:
+                outcomes[email.id] = await store.save_email(email)
+            except StoreError as exc:
+                outcomes[email.id] = exc
+        async with progress:
+            progress.notify_all()
+
+    async def killer() -> None:
+        nonlocal kills
+        for wave in range(1, total // kill_every):
+            async with progress:
+                while len(outcomes) < wave * kill_every:
+                    await progress.wait()
+            kills += await db.terminate_connections(db.params.application_name or "")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(killer)
+        for email in emails:
+            nursery.start_soon(save, email)
+
+    failed = [e for e in emails if not isinstance(outcomes[e.id], SavedEmail)]
+    assert kills > 0
+    assert all(isinstance(outcomes[e.id], StoreUnavailable) for e in failed)
+    rows = await db.fetch(
+        'SELECT e."Id",'
+        ' (SELECT count(*) FROM "EmailRecipients" r WHERE r."EmailId" = e."Id") AS recipients,'
+        ' (SELECT count(*) FROM "EmailAttachments" a WHERE a."EmailId" = e."Id") AS files'
+        ' FROM "Emails" e'
+    )
+    stored = {r["Id"]: (r["recipients"], r["files"]) for r in rows}
+    assert len(stored) == len(rows)
+    # every save that returned is there, whole; a failed one is whole or absent
+    assert all(stored[e.id] == (2, 1) for e in emails if e.id not in {f.id for f in failed})
+    assert all(counts == (2, 1) for counts in stored.values())
+    assert (
+        await db.fetchval(
+            'SELECT count(*) FROM "EmailRecipients" r'
+            ' WHERE NOT EXISTS (SELECT 1 FROM "Emails" e WHERE e."Id" = r."EmailId")'
+        )
+        == 0
+    )
+    await store.save_email(_message_to("u@example.com"))
+
+
+@pg
+async def test_a_store_opened_while_the_server_is_down_fails_fast_then_recovers() -> None:
+    async with (
+        temporary_database("init") as db,
+        _switchable_proxy(db.params) as proxy,
+        open_postgres_store(proxy.params) as store,  # opening does no I/O
+    ):
+        with trio.fail_after(10):
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            with pytest.raises(StoreUnavailable):
+                await store.check_schema()
+            with pytest.raises(StoreUnavailable):
+                await store.save_email(new_email())
+        assert store.pool_stats().active == 0
+
+        proxy.up = True
+        await store.check_schema()
+        saved = await store.save_email(new_email())
+        assert (await store.get_email(saved.id)) is not None
+
+        proxy.up = False
+        await db.terminate_connections(proxy.params.application_name or "")
+        with trio.fail_after(10), pytest.raises(StoreUnavailable):
+            await store.ping()
+        proxy.up = True
+        await store.ping()
+
+
+async def test_a_port_nobody_listens_on_gives_store_unavailable() -> None:
+    params = parse_connection_string(f"Host=127.0.0.1;Port={_free_port()};Username=x;Timeout=2")
+    async with open_postgres_store(params) as store:
+        with trio.fail_after(10):
+            with pytest.raises(StoreUnavailable, match="PostgreSQL unavailable"):
+                await store.find_user_by_address("a@example.com")
+            with pytest.raises(StoreUnavailable):
+                await store.save_email(new_email())
+        assert store.pool_stats().maximum == DEFAULT_MAX_POOL_SIZE
+
+
+async def test_a_server_that_never_answers_times_out() -> None:
+    """A black-holed server (TCP accepted, nothing said) must not hang a session."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, _hold_forever, 0)
+        port = listeners[0].socket.getsockname()[1]
+        params = parse_connection_string(f"Host=127.0.0.1;Port={port};Username=x;Timeout=1")
+        async with open_postgres_store(params) as store:
+            with trio.fail_after(10):
+                with pytest.raises(StoreUnavailable):
+                    await store.ping()
+                with pytest.raises(StoreUnavailable):
+                    await store.candidate_api_keys(uuid.uuid4(), "rk_000000000")
+        nursery.cancel_scope.cancel()
+
+
+async def _hold_forever(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+@attrs.define
+class _Proxy:
+    params: PostgresParams
+    up: bool = False
+
+
+@asynccontextmanager
+async def _switchable_proxy(target: PostgresParams) -> AsyncIterator[_Proxy]:
+    """A TCP proxy to PostgreSQL that refuses service (closes at once) while ``up`` is
+    false: a database server going away and coming back, without touching the real one."""
+    proxy = _Proxy(params=target)
+
+    async def handle(client: trio.SocketStream) -> None:
+        if not proxy.up:
+            await client.aclose()
+            return
+        server = await trio.open_tcp_stream(target.host or "127.0.0.1", target.port)
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await dst.aclose()
+
+        async with server, client, trio.open_nursery() as pumps:
+            pumps.start_soon(pump, client, server)
+            pumps.start_soon(pump, server, client)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        port = listeners[0].socket.getsockname()[1]
+        proxy.params = attrs.evolve(
+            target, host="127.0.0.1", port=port, connect_timeout=3.0, ssl="disable"
+        )
+        yield proxy
+        nursery.cancel_scope.cancel()
