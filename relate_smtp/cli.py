@@ -95,11 +95,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level_name: str) -> None:
+    level = _LOG_LEVELS.get(level_name.lower(), logging.INFO)
     logging.basicConfig(
-        level=_LOG_LEVELS.get(level_name.lower(), logging.INFO),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level <= logging.CRITICAL:
+        # The start-up lines (SPEC §1) are parsed by scripts: keep them at any level
+        # short of "None".
+        logging.getLogger("relate_smtp.lifecycle").setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

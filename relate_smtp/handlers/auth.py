@@ -185,6 +185,9 @@ class ResultCache:
             del self._entries[key]
 
 
+_MAX_RECENT_KEYS = 100_000
+
+
 class LastUsedUpdater:
     """Writes ``SmtpApiKeys.LastUsedAt`` in the background, in batches.
 
@@ -195,13 +198,29 @@ class LastUsedUpdater:
     so the slower the database, the bigger the batches. On shutdown, :meth:`close` ends
     the producer side and :meth:`run` returns after flushing what is still queued.
     Store errors are logged and the batch dropped; they never reach a session.
+
+    A key used again within ``min_interval`` seconds of its last queued update is not
+    queued again: a client that logs in for every message would otherwise cost one
+    database write per message, for a timestamp nobody reads to the second.
     """
 
-    def __init__(self, store: Store, *, capacity: int = 1024, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        capacity: int = 1024,
+        batch_size: int = 500,
+        min_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if capacity < 1 or batch_size < 1:
             raise ValueError("capacity and batch_size must be at least 1")
         self._store = store
         self._batch_size = batch_size
+        self._min_interval = min_interval
+        self._clock = clock
+        self._recent: dict[uuid.UUID, float] = {}
+        self.skipped = 0
         self._send, self._receive = trio.open_memory_channel[tuple[uuid.UUID, datetime]](capacity)
         self.dropped = 0
         self.written = 0
@@ -209,6 +228,13 @@ class LastUsedUpdater:
 
     def enqueue(self, key_id: uuid.UUID, used_at: datetime) -> bool:
         """Queue an update without waiting; False when it was dropped (full or closed)."""
+        now = self._clock()
+        last = self._recent.get(key_id)
+        if last is not None and now - last < self._min_interval:
+            self.skipped += 1
+            return True
+        if len(self._recent) >= _MAX_RECENT_KEYS:
+            self._forget_before(now - self._min_interval)
         try:
             self._send.send_nowait((key_id, used_at))
         except trio.WouldBlock:
@@ -219,7 +245,13 @@ class LastUsedUpdater:
             self.dropped += 1
             logger.debug("LastUsedAt updater closed; dropped update for key %s", key_id)
             return False
+        self._recent[key_id] = now
         return True
+
+    def _forget_before(self, cutoff: float) -> None:
+        self._recent = {key: at for key, at in self._recent.items() if at >= cutoff}
+        if len(self._recent) >= _MAX_RECENT_KEYS:
+            self._recent.clear()
 
     def close(self) -> None:
         """No more updates; :meth:`run` flushes the queue and returns."""

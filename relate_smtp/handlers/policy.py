@@ -2,6 +2,25 @@
 
 One table decides every listener and authentication state; the MX rules never let
 mail for a foreign domain through, whatever form the address takes.
+
+The decision table (``check_sender`` / ``check_recipient``):
+
+=============  ===============  ===================  ====================================
+MX enabled     authenticated    listener             MAIL / RCPT
+=============  ===============  ===================  ====================================
+no             either           submission(-tls)     accept (the core enforces
+                                                     ``Smtp:RequireAuthentication``)
+yes            yes              submission(-tls)     accept any sender and recipient
+yes            no               submission(-tls)     530 5.7.0
+yes            no               mx                   any sender; recipient: hosted domain
+                                                     else 550 5.7.1, a user (if
+                                                     ValidateRecipients) else 550 5.1.1,
+                                                     ``postmaster`` always; 451 4.3.0 on
+                                                     a database error
+=============  ===============  ===================  ====================================
+
+``Smtp:RestrictSenderToLogin`` narrows an authenticated sender to the user's own
+addresses (553 5.7.1).
 """
 
 from __future__ import annotations
@@ -21,7 +40,7 @@ from relate_smtp.protocol import (
     UNKNOWN_USER,
     Reply,
 )
-from relate_smtp.storage import Store, StoreUnavailable
+from relate_smtp.storage import Store, StoreError
 
 log = logging.getLogger("relate_smtp.policy")
 
@@ -29,6 +48,8 @@ POSTMASTER = "postmaster"
 
 
 class ListenerKind(enum.Enum):
+    """The three SMTP endpoints of SPEC §1; the value is the listener's public name."""
+
     SUBMISSION = "submission"
     SUBMISSION_TLS = "submission-tls"
     MX = "mx"
@@ -36,7 +57,12 @@ class ListenerKind(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class Envelope:
-    """What the policy needs to know about a path: the core's parse of it."""
+    """What the policy needs to know about a path: the core's parse of it.
+
+    ``local_part`` keeps its quotes as written and is never unquoted: the session
+    records the address as written, so a lookup that unquoted it would accept a
+    recipient the store could not link afterwards.
+    """
 
     local_part: str
     domain: str
@@ -56,7 +82,9 @@ def normalize_domain(domain: str) -> str | None:
 
     Returns None for anything that is not a plain DNS name (address literals, a
     trailing dot, empty labels) and for Unicode names that IDNA would change by
-    mapping (full-width or compatibility look-alikes), so such forms never match.
+    mapping (full-width or compatibility look-alikes, ``ß``, soft hyphens), so such
+    forms never match a hosted domain: a name is hosted only when it is spelt the way
+    it is configured, up to case and the U-label/A-label equivalence.
     """
     if not domain or domain.startswith("[") or domain.endswith(".") or ".." in domain:
         return None
@@ -73,9 +101,26 @@ def normalize_domain(domain: str) -> str | None:
     return ascii_form
 
 
+def _hosted_domains(domains: Collection[str]) -> frozenset[str]:
+    """Configured domains in the form `normalize_domain` gives, so the comparison is
+    exact whoever built the filter (settings already store them this way; one
+    trailing dot, the DNS root, is tolerated in configuration). An entry that is not a
+    domain name is refused rather than silently never matching."""
+    result = set()
+    for entry in domains:
+        name = normalize_domain(entry.removesuffix("."))
+        if name is None:
+            raise ValueError(f"not a hosted domain name: {entry!r}")
+        result.add(name)
+    return frozenset(result)
+
+
 def has_relay_trick(path: Envelope) -> bool:
-    """Forms that route mail onward through a local-looking address (percent hack,
-    bang path, source route, an ``@`` hidden in a quoted local part)."""
+    """Forms that route mail onward through a local-looking address: a source route,
+    the percent hack (``a%b@hosted``), a bang path (``b!a@hosted``), and an ``@``,
+    ``%`` or ``!`` inside a quoted local part (a backslash escape still leaves the
+    character in the text, so ``"a\\@b"`` is caught too). Relays that honour any of
+    these would send the mail on to a foreign domain, so none is accepted on MX."""
     if path.source_route:
         return True
     return any(ch in path.local_part for ch in "%!@")
@@ -87,7 +132,7 @@ class MailboxFilter:
 
     store: Store
     mx_enabled: bool
-    hosted_domains: frozenset[str]
+    hosted_domains: frozenset[str] = attrs.field(converter=_hosted_domains)
     validate_recipients: bool
     restrict_sender_to_login: bool
 
@@ -130,7 +175,9 @@ class MailboxFilter:
             return None
         try:
             user = await self.store.find_user_by_address(f"{path.local_part}@{domain}")
-        except StoreUnavailable as exc:
+        except StoreError as exc:
+            # Any database failure is the server's problem, never the sender's: a 5xx
+            # here would bounce mail for a real user (SPEC §4), so the sender retries.
             log.warning("recipient check failed (database): %s", exc)
             return LOCAL_ERROR
         return None if user is not None else UNKNOWN_USER

@@ -29,7 +29,6 @@ from ._events import (
     BodyType,
     ConnectionClosed,
     Decision,
-    Event,
     Hello,
     MailFrom,
     MessageAborted,

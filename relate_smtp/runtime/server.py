@@ -27,11 +27,15 @@ from relate_smtp.runtime import checks
 from relate_smtp.runtime.health import HealthBindError, HealthServer
 from relate_smtp.runtime.limits import ConnectionLimiter
 from relate_smtp.runtime.metrics import Metrics
+from relate_smtp.runtime.proxy import ProxyProtocolError, is_trusted, read_proxy_header
 from relate_smtp.runtime.session import Listener, Services, Session, Timeouts
+from relate_smtp.runtime.streams import PrefixedStream
 from relate_smtp.runtime.tls import certificate_status
 from relate_smtp.storage import Store
 
 log = logging.getLogger("relate_smtp.server")
+# Start-up and shutdown lines that scripts parse: kept visible at any log level.
+lifecycle = logging.getLogger("relate_smtp.lifecycle")
 
 
 class StartupError(Exception):
@@ -135,11 +139,13 @@ class Server:
             auth_required=smtp.require_authentication,
             allow_insecure_auth=smtp.allow_insecure_auth,
         )
+        proxied = set(smtp.proxy_protocol.listeners)
         result = [
             (
                 Listener(
                     kind=ListenerKind.SUBMISSION,
                     protocol=attrs.evolve(base, tls_available=has_cert),
+                    proxy_protocol=ListenerKind.SUBMISSION.value in proxied,
                 ),
                 smtp.port,
             )
@@ -152,6 +158,7 @@ class Server:
                             kind=ListenerKind.SUBMISSION_TLS,
                             protocol=attrs.evolve(base, tls_active=True),
                             implicit_tls=True,
+                            proxy_protocol=ListenerKind.SUBMISSION_TLS.value in proxied,
                         ),
                         smtp.secure_port,
                     )
@@ -173,6 +180,7 @@ class Server:
                             auth_enabled=False,
                             auth_required=False,
                         ),
+                        proxy_protocol=ListenerKind.MX.value in proxied,
                     ),
                     smtp.mx.port,
                 )
@@ -214,12 +222,12 @@ class Server:
                         listening.start_soon(self._accept_loop, listener, sockets, handlers)
                     bound.append(await self._start_health(background, bound))
                     for item in bound:
-                        log.info(
+                        lifecycle.info(
                             "Listening: %s on %s:%d (%s)", item.name, item.host, item.port, item.tls
                         )
                     task_status.started(bound)
                     await self._shutdown.wait()
-                    log.info("Shutting down: listeners closed")
+                    lifecycle.info("Shutting down: listeners closed")
                     listening.cancel_scope.cancel()
                 for session in list(self._sessions):
                     session.request_shutdown()
@@ -227,7 +235,7 @@ class Server:
             await self.last_used.aclose()
             await self.notifier.aclose(smtp.shutdown_timeout_seconds)
             background.cancel_scope.cancel()
-        log.info("Shutdown complete")
+        lifecycle.info("Shutdown complete")
 
     async def _start_health(
         self, nursery: trio.Nursery, bound: list[BoundListener]
@@ -272,13 +280,20 @@ class Server:
 
         await trio.serve_listeners(handle, sockets, handler_nursery=handlers)
 
-    async def _handle(self, listener: Listener, stream: trio.SocketStream) -> None:
+    async def _handle(self, listener: Listener, socket_stream: trio.SocketStream) -> None:
         try:
-            peer = stream.socket.getpeername()
+            peer = socket_stream.socket.getpeername()
         except OSError:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(socket_stream)
             return
         client = (str(peer[0]), int(peer[1]))
+        stream: trio.abc.Stream = socket_stream
+        if listener.proxy_protocol:
+            real = await self._read_proxy_header(listener, socket_stream, client)
+            if real is None:
+                await trio.aclose_forcefully(socket_stream)
+                return
+            client, stream = real
         if not self._limiter.try_acquire(client[0]):
             self.metrics.reject("too_many_connections")
             log.info("refused %s on %s: too many connections", client[0], listener.name)
@@ -299,6 +314,32 @@ class Server:
             self._sessions.discard(session)
             self._limiter.release(client[0])
 
+    async def _read_proxy_header(
+        self, listener: Listener, stream: trio.SocketStream, peer: tuple[str, int]
+    ) -> tuple[tuple[str, int], trio.abc.Stream] | None:
+        """The real client behind a trusted load balancer, and the stream to go on with;
+        None (after one log line) when the peer may not or did not send a valid header."""
+        networks = self.settings.smtp.proxy_protocol.trusted_networks
+        if not is_trusted(peer[0], networks):
+            self.metrics.reject("proxy_untrusted")
+            log.warning(
+                "closed %s on %s: not in Smtp:ProxyProtocol:TrustedNetworks", peer[0], listener.name
+            )
+            return None
+        try:
+            header, rest = await read_proxy_header(
+                stream, timeout=self.settings.smtp.tls_handshake_timeout_seconds
+            )
+        except ProxyProtocolError as exc:
+            self.metrics.reject("proxy_header")
+            log.info("closed %s on %s: %s", peer[0], listener.name, exc)
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("%s on %s hung up before its PROXY header", peer[0], listener.name)
+            return None
+        client = header.client or peer
+        return client, PrefixedStream(stream, rest) if rest else stream
+
     def _describe(
         self, listener: Listener, sockets: list[trio.SocketListener]
     ) -> list[BoundListener]:
@@ -317,13 +358,13 @@ class Server:
     def _log_start(self) -> None:
         smtp = self.settings.smtp
         if smtp.secure_port > 0:
-            log.info(
+            lifecycle.info(
                 "Starting SMTP server on port %d (plain) and %d (TLS)", smtp.port, smtp.secure_port
             )
         else:
-            log.info("Starting SMTP server on port %d (plain)", smtp.port)
+            lifecycle.info("Starting SMTP server on port %d (plain)", smtp.port)
         if smtp.mx.enabled:
-            log.info(
+            lifecycle.info(
                 "MX endpoint enabled on port %d for domains: %s",
                 smtp.mx.port,
                 ", ".join(smtp.mx.hosted_domains),

@@ -8,6 +8,7 @@ when the core needs more input, before a TLS handshake, and before closing.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from typing import assert_never
@@ -69,6 +70,7 @@ class Listener:
     kind: ListenerKind
     protocol: ProtocolConfig
     implicit_tls: bool = False
+    proxy_protocol: bool = False
 
     @property
     def name(self) -> str:
@@ -88,10 +90,6 @@ class Services:
     tls_context: Callable[[], ssl.SSLContext | None]
 
 
-class _Closing(Exception):
-    """The transport is gone or unusable; stop without another write."""
-
-
 class Session:
     """One connection from greeting to close."""
 
@@ -109,7 +107,10 @@ class Session:
         self._services = services
         self._timeouts = services.timeouts
         self._conn: ServerConnection | None = None
-        self._read_scope: trio.CancelScope | None = None
+        # One cancel scope per session whose deadline is moved for each read and write
+        # (cheaper than a scope per I/O); "infinite" while the handlers decide.
+        self._clock: trio.CancelScope | None = None
+        self._waiting: str | None = None  # "receive" | "send" while blocked on the peer
         self._shutting_down = False
         self._principal: Principal | None = None
         self._user_addresses: tuple[str, ...] | None = None
@@ -132,8 +133,8 @@ class Session:
         """Close at the next command boundary; a session waiting for a command is
         interrupted at once, one receiving a message may finish it first."""
         self._shutting_down = True
-        if self._read_scope is not None and not self.in_message:
-            self._read_scope.cancel()
+        if self._clock is not None and not self.in_message:
+            self._clock.cancel()
 
     async def run(self) -> None:
         metrics = self._services.metrics
@@ -143,8 +144,6 @@ class Session:
                     return
                 self._conn = ServerConnection(self._listener.protocol)
                 await self._drive(self._conn)
-            except _Closing:
-                pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._outcome = "peer hung up"
             except Exception:
@@ -152,13 +151,36 @@ class Session:
                 log.exception("session from %s failed", self._client_ip)
                 await self._try_abort(LOCAL_ERROR)
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await trio.aclose_forcefully(self._stream)
+                # aclose_forcefully closes at once, even inside a cancelled scope.
+                await trio.aclose_forcefully(self._stream)
                 self._log_summary()
 
     # ---- the loop -----------------------------------------------------------------
 
     async def _drive(self, conn: ServerConnection) -> None:
+        with trio.CancelScope() as clock:
+            self._clock = clock
+            await self._converse(conn)
+        self._clock = None
+        if clock.cancelled_caught:
+            await self._interrupted(conn)
+
+    async def _interrupted(self, conn: ServerConnection) -> None:
+        """The session clock ran out, or shutdown interrupted a wait for a command."""
+        if self._waiting == "send":
+            self._outcome = "client not reading"
+            return
+        if self._shutting_down and not conn.in_message:
+            self._outcome = "shutdown"
+            conn.abort(SHUTTING_DOWN)
+        else:
+            self._outcome = "timeout"
+            log.info("timeout from %s", self._client_ip)
+            conn.abort(DATA_TOO_SLOW if conn.in_message and self._chunks else TIMEOUT)
+        with trio.move_on_after(self._timeouts.tls_handshake):
+            await self._stream.send_all(conn.data_to_send())
+
+    async def _converse(self, conn: ServerConnection) -> None:
         self._command_deadline = trio.current_time() + self._timeouts.command
         while True:
             event = conn.next_event()
@@ -172,8 +194,6 @@ class Session:
                     return
                 conn.tls_started()
                 continue
-            if not conn.in_message:
-                self._command_deadline = trio.current_time() + self._timeouts.command
             match event:
                 case Hello():
                     conn.accept()
@@ -209,32 +229,24 @@ class Session:
                     assert_never(event)
 
     async def _receive(self, conn: ServerConnection) -> bytes:
-        """One read under the clock that applies now; on expiry or shutdown the core
-        is told to abort and an empty read (treated as close) is returned."""
+        """One read under the clock that applies now: the command deadline, or the data
+        budget while a message streams in."""
         if self._shutting_down and not conn.in_message:
             self._outcome = "shutdown"
             conn.abort(SHUTTING_DOWN)
             return b""
+        clock = self._clock
+        assert clock is not None
         in_message = conn.in_message
         now = trio.current_time()
         if in_message:
-            timeout = min(self._data_budget, self._timeouts.data)
+            clock.deadline = now + min(self._data_budget, self._timeouts.data)
         else:
-            timeout = self._command_deadline - now
-        data: bytes | bytearray | None = None
-        with trio.move_on_after(max(timeout, 0.0)) as scope:
-            self._read_scope = scope
-            data = await self._stream.receive_some(RECEIVE_SIZE)
-        self._read_scope = None
-        if data is None:
-            if self._shutting_down and not conn.in_message:
-                self._outcome = "shutdown"
-                conn.abort(SHUTTING_DOWN)
-            else:
-                self._outcome = "timeout"
-                conn.abort(DATA_TOO_SLOW if in_message and self._chunks else TIMEOUT)
-                log.info("timeout from %s", self._client_ip)
-            return b""
+            clock.deadline = self._command_deadline
+        self._waiting = "receive"
+        data = await self._stream.receive_some(RECEIVE_SIZE)
+        self._waiting = None
+        clock.deadline = math.inf
         if in_message:
             self._account_data(len(data), trio.current_time() - now)
         return bytes(data)
@@ -252,11 +264,17 @@ class Session:
         data = conn.data_to_send()
         if not data:
             return
-        with trio.move_on_after(self._timeouts.command) as scope:
-            await self._stream.send_all(data)
-        if scope.cancelled_caught:
-            self._outcome = "client not reading"
-            raise _Closing
+        clock = self._clock
+        assert clock is not None
+        now = trio.current_time()
+        clock.deadline = now + self._timeouts.command
+        self._waiting = "send"
+        await self._stream.send_all(data)
+        self._waiting = None
+        clock.deadline = math.inf
+        # A reply means the peer completed a command: the next one gets a full period
+        # (RFC 5321 §4.5.3.2), while a line dribbled in byte by byte never earns one.
+        self._command_deadline = now + self._timeouts.command
 
     async def _try_abort(self, reply: Reply) -> None:
         conn = self._conn

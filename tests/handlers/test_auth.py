@@ -216,7 +216,7 @@ class Harness:
         self.clock = FakeClock()
         self.verify = CountingVerify()
         self.successes = 0
-        self.updater = LastUsedUpdater(self.store, capacity=queue_capacity)
+        self.updater = LastUsedUpdater(self.store, capacity=queue_capacity, min_interval=0)
         self.alice = self.store.add_user("Alice@Example.com", "alias@example.org")
         self.raw = generate_api_key()
         self.key = self.store.add_key(self.alice, self.raw)
@@ -813,7 +813,7 @@ async def test_last_used_updates_are_batched_coalesced_and_drained_on_close(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FakeStore()
-    updater = LastUsedUpdater(store, capacity=16)
+    updater = LastUsedUpdater(store, capacity=16, min_interval=0)
     first, second = uuid.uuid4(), uuid.uuid4()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -828,11 +828,33 @@ async def test_last_used_updates_are_batched_coalesced_and_drained_on_close(
     assert updater.written == 2
 
 
+async def test_a_key_used_again_soon_is_not_written_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    now = [100.0]
+    updater = LastUsedUpdater(store, capacity=16, min_interval=60, clock=lambda: now[0])
+    key = uuid.uuid4()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(updater.run)
+            assert updater.enqueue(key, NOW)
+            await trio.testing.wait_all_tasks_blocked()
+            now[0] += 59
+            assert updater.enqueue(key, NOW + timedelta(seconds=59))
+            await trio.testing.wait_all_tasks_blocked()
+            now[0] += 2
+            assert updater.enqueue(key, NOW + timedelta(seconds=61))
+            updater.close()
+    assert store.touched == [{key: NOW}, {key: NOW + timedelta(seconds=61)}]
+    assert updater.skipped == 1
+
+
 async def test_last_used_run_flushes_what_was_queued_before_it_started(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FakeStore()
-    updater = LastUsedUpdater(store, capacity=16, batch_size=2)
+    updater = LastUsedUpdater(store, capacity=16, batch_size=2, min_interval=0)
     keys = [uuid.uuid4() for _ in range(5)]
     for key in keys:
         assert updater.enqueue(key, NOW)
@@ -845,7 +867,7 @@ async def test_last_used_run_flushes_what_was_queued_before_it_started(
 
 
 def test_last_used_queue_is_bounded_and_drops_when_full() -> None:
-    updater = LastUsedUpdater(FakeStore(), capacity=2)
+    updater = LastUsedUpdater(FakeStore(), capacity=2, min_interval=0)
     assert updater.enqueue(uuid.uuid4(), NOW)
     assert updater.enqueue(uuid.uuid4(), NOW)
     assert updater.enqueue(uuid.uuid4(), NOW) is False
@@ -864,7 +886,7 @@ async def test_last_used_store_errors_are_logged_not_raised(
 ) -> None:
     store = FakeStore()
     store.touch_unavailable = True
-    updater = LastUsedUpdater(store, capacity=16)
+    updater = LastUsedUpdater(store, capacity=16, min_interval=0)
     failing, later = uuid.uuid4(), uuid.uuid4()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
