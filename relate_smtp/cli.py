@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import uuid
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the SMTP server")
     serve.add_argument("--config", metavar="FILE", dest="sub_config", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listeners (default 1: serve in this process)",
+    )
     serve.add_argument(
         "--dev-tls",
         action="store_true",
@@ -115,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file = getattr(args, "sub_config", None) or args.config
         settings = load_settings(config_file=config_file, overrides=overrides)
         configure_logging(settings.log_level)
-        return _dispatch(args, settings)
+        return _dispatch(args, settings, args_list)
     except ConfigError as exc:
         print(f"relate-smtp: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -126,15 +134,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: Settings, argv: Sequence[str]) -> int:
+    from relate_smtp.runtime.run import run_server
+    from relate_smtp.runtime.supervisor import LISTEN_FDS_ENV, decode_fds, run_supervisor
+
+    _raise_open_file_limit()
+    inherited = os.environ.pop(LISTEN_FDS_ENV, None)
+    if inherited is not None:
+        return run_server(settings, dev_tls=args.dev_tls, sockets=decode_fds(inherited))
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1", EXIT_CONFIG)
+    if args.workers > 1:
+        return run_supervisor(settings, workers=args.workers, argv=argv, dev_tls=args.dev_tls)
+    return run_server(settings, dev_tls=args.dev_tls)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings, argv: Sequence[str]) -> int:
     from relate_smtp import admin
 
     match args.command:
         case "serve":
-            from relate_smtp.runtime.run import run_server
-
-            _raise_open_file_limit()
-            return run_server(settings, dev_tls=args.dev_tls)
+            return _serve(args, settings, argv)
         case "db":
             return _run(admin.db_init, settings)
         case "users":

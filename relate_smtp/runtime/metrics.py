@@ -40,7 +40,10 @@ class Metrics:
             registry=r,
         )
         self.active_connections = Gauge(
-            "smtp_active_connections", "SMTP sessions currently open", registry=r
+            "smtp_active_connections",
+            "SMTP sessions currently open",
+            registry=r,
+            multiprocess_mode="livesum",  # summed over live workers under --workers
         )
         self.rejections = Counter(
             "smtp_rejections", "Commands or messages refused, by reason", ["reason"], registry=r

@@ -5,15 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import trio
 
 from relate_smtp.config import Settings
+from relate_smtp.handlers.policy import ListenerKind
 from relate_smtp.runtime import tls
-from relate_smtp.runtime.server import Server, StartupError
-from relate_smtp.storage import SchemaMissing
+from relate_smtp.runtime.listeners import StartupError
+from relate_smtp.runtime.server import Server
+from relate_smtp.storage import AdminStore, SchemaMissing, StoreUnavailable
 from relate_smtp.storage.opening import open_store
 
 log = logging.getLogger("relate_smtp")
@@ -39,9 +43,29 @@ def load_certificates(settings: Settings, *, dev_tls: bool) -> tls.CertificateSt
     return None
 
 
-async def serve_until_signalled(settings: Settings, *, dev_tls: bool) -> None:
+async def check_store(store: AdminStore) -> None:
+    """SPEC §10: a reachable database without the tables stops start-up; an unreachable
+    one does not (health reports it and SMTP answers 4xx until it returns)."""
+    try:
+        await store.check_schema()
+    except StoreUnavailable as exc:
+        log.warning("database unavailable at start-up, continuing: %s", exc)
+
+
+async def serve_until_signalled(
+    settings: Settings,
+    *,
+    dev_tls: bool,
+    sockets: Mapping[ListenerKind, Sequence[socket.socket]] | None = None,
+) -> None:
+    """Run one server until SIGTERM/SIGINT; SIGHUP reloads the certificate.
+
+    With ``sockets`` (inherited from a ``--workers`` parent) this process is a worker:
+    it serves those sockets and leaves /healthz and /metrics to the parent.
+    """
     certificates = load_certificates(settings, dev_tls=dev_tls)
     async with open_store(settings) as store:
+        await check_store(store)
         server = Server(
             settings,
             store=store,
@@ -65,24 +89,36 @@ async def serve_until_signalled(settings: Settings, *, dev_tls: bool) -> None:
                 nursery.start_soon(watch_signals)
                 if certificates is not None and certificates.path is not None:
                     nursery.start_soon(certificates.watch)
-                await server.serve()
+                await server.serve(sockets=sockets, health=sockets is None)
                 nursery.cancel_scope.cancel()
 
 
-def run_server(settings: Settings, *, dev_tls: bool = False) -> int:
+def run_server(
+    settings: Settings,
+    *,
+    dev_tls: bool = False,
+    sockets: Mapping[ListenerKind, Sequence[socket.socket]] | None = None,
+) -> int:
+    return run_reporting_startup_errors(
+        functools.partial(serve_until_signalled, settings, dev_tls=dev_tls, sockets=sockets)
+    )
+
+
+def run_reporting_startup_errors(main: Callable[[], Awaitable[None]]) -> int:
+    """``trio.run(main)``; a start-up problem becomes one message and exit status 2."""
     try:
-        trio.run(functools.partial(serve_until_signalled, settings, dev_tls=dev_tls))
+        trio.run(main)
     except BaseExceptionGroup as group:
         startup = _find(group, (StartupError, SchemaMissing))
         if startup is None:
             raise
-        return _report(startup)
+        return report_startup_error(startup)
     except (StartupError, SchemaMissing) as exc:
-        return _report(exc)
+        return report_startup_error(exc)
     return 0
 
 
-def _report(exc: BaseException) -> int:
+def report_startup_error(exc: BaseException) -> int:
     print(f"relate-smtp: cannot start: {exc}", file=sys.stderr)
     return EXIT_STARTUP
 

@@ -10,22 +10,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry
 
 from relate_smtp.config import Settings
 from relate_smtp.handlers.auth import Authenticator, LastUsedUpdater
 from relate_smtp.handlers.delivery import MessageDelivery, NewMailListener
 from relate_smtp.handlers.notify import Notifier
 from relate_smtp.handlers.policy import ListenerKind, MailboxFilter
-from relate_smtp.protocol import TOO_MANY_CONNECTIONS, BareLineEndings, ProtocolConfig
+from relate_smtp.protocol import TOO_MANY_CONNECTIONS
 from relate_smtp.runtime import checks
 from relate_smtp.runtime.health import HealthBindError, HealthServer
 from relate_smtp.runtime.limits import ConnectionLimiter
+from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listeners
 from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.runtime.proxy import ProxyProtocolError, is_trusted, read_proxy_header
 from relate_smtp.runtime.session import Listener, Services, Session, Timeouts
@@ -38,28 +41,12 @@ log = logging.getLogger("relate_smtp.server")
 lifecycle = logging.getLogger("relate_smtp.lifecycle")
 
 
-class StartupError(Exception):
-    """Start-up cannot go on; ``key`` names the setting at fault (exit status 2)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
 @attrs.frozen(kw_only=True)
 class BoundListener:
     name: str
     host: str
     port: int
     tls: str  # "starttls" | "implicit" | "none"
-
-
-_PORT_KEYS = {
-    ListenerKind.SUBMISSION: "Smtp:Port",
-    ListenerKind.SUBMISSION_TLS: "Smtp:SecurePort",
-    ListenerKind.MX: "Smtp:Mx:Port",
-}
 
 
 class Server:
@@ -128,76 +115,7 @@ class Server:
 
     def listeners(self) -> list[tuple[Listener, int]]:
         """The endpoints these settings open, with their configured ports."""
-        smtp = self.settings.smtp
-        has_cert = self._tls_context() is not None
-        base = ProtocolConfig(
-            hostname=smtp.server_name,
-            max_message_size=smtp.max_message_size_bytes,
-            max_recipients=smtp.max_recipients,
-            max_errors=smtp.max_errors,
-            bare_line_endings=BareLineEndings(smtp.bare_line_endings),
-            auth_required=smtp.require_authentication,
-            allow_insecure_auth=smtp.allow_insecure_auth,
-        )
-        proxied = set(smtp.proxy_protocol.listeners)
-        result = [
-            (
-                Listener(
-                    kind=ListenerKind.SUBMISSION,
-                    protocol=attrs.evolve(base, tls_available=has_cert),
-                    proxy_protocol=ListenerKind.SUBMISSION.value in proxied,
-                ),
-                smtp.port,
-            )
-        ]
-        if smtp.secure_port > 0:
-            if has_cert:
-                result.append(
-                    (
-                        Listener(
-                            kind=ListenerKind.SUBMISSION_TLS,
-                            protocol=attrs.evolve(base, tls_active=True),
-                            implicit_tls=True,
-                            proxy_protocol=ListenerKind.SUBMISSION_TLS.value in proxied,
-                        ),
-                        smtp.secure_port,
-                    )
-                )
-            else:
-                log.warning(
-                    "Smtp:SecurePort is %d but no certificate is configured "
-                    "(Smtp:CertificatePath): the implicit TLS listener is not opened",
-                    smtp.secure_port,
-                )
-        if smtp.mx.enabled:
-            result.append(
-                (
-                    Listener(
-                        kind=ListenerKind.MX,
-                        protocol=attrs.evolve(
-                            base,
-                            tls_available=has_cert,
-                            auth_enabled=False,
-                            auth_required=False,
-                        ),
-                        proxy_protocol=ListenerKind.MX.value in proxied,
-                    ),
-                    smtp.mx.port,
-                )
-            )
-        return result
-
-    async def _bind(self, kind: ListenerKind, port: int) -> list[trio.SocketListener]:
-        try:
-            if port == 0:
-                # One free port for every address family would need two binds that may
-                # disagree; "pick a free port" is for tests and embedding, so IPv4 only.
-                return await trio.open_tcp_listeners(0, host="0.0.0.0")
-            return await trio.open_tcp_listeners(port)
-        except OSError as exc:
-            raise StartupError(
-                _PORT_KEYS[kind], f"cannot listen on port {port}: {exc.strerror or exc}"
-            ) from None
+        return plan_listeners(self.settings, has_certificate=self._tls_context() is not None)
 
     # ---- running --------------------------------------------------------------------
 
@@ -206,10 +124,21 @@ class Server:
         self._shutdown.set()
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        sockets: Mapping[ListenerKind, Sequence[socket.socket]] | None = None,
+        health: bool = True,
+        task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve until :meth:`shutdown`; ``started()`` reports every bound endpoint.
+
+        ``sockets`` are listening sockets bound by a supervising parent (``--workers``);
+        without them the server binds its own. ``health=False`` leaves /healthz and
+        /metrics to that parent.
+        """
         smtp = self.settings.smtp
-        self._log_start()
+        if health:
+            log_start(self.settings)
         async with trio.open_nursery() as background:
             background.start_soon(self.last_used.run)
             await background.start(self.notifier.run)
@@ -217,14 +146,29 @@ class Server:
                 async with trio.open_nursery() as listening:
                     bound: list[BoundListener] = []
                     for listener, port in self.listeners():
-                        sockets = await self._bind(listener.kind, port)
-                        bound.extend(self._describe(listener, sockets))
-                        listening.start_soon(self._accept_loop, listener, sockets, handlers)
-                    bound.append(await self._start_health(background, bound))
-                    for item in bound:
-                        lifecycle.info(
-                            "Listening: %s on %s:%d (%s)", item.name, item.host, item.port, item.tls
+                        if sockets is None:
+                            own = [bind_socket(listener.kind, port)]
+                        else:
+                            own = list(sockets.get(listener.kind, ()))
+                        bound.extend(describe(listener, own))
+                        trio_listeners = [
+                            trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                            for sock in own
+                        ]
+                        listening.start_soon(self._accept_loop, listener, trio_listeners, handlers)
+                    if health:
+                        probe = health_checks(
+                            self.settings,
+                            self.store,
+                            submission_port=bound[0].port,
+                            certificate_health=self._certificate_health,
                         )
+                        bound.append(
+                            await start_health_server(
+                                background, self.settings, probe, self.metrics.registry
+                            )
+                        )
+                        log_bound(bound)
                     task_status.started(bound)
                     await self._shutdown.wait()
                     lifecycle.info("Shutting down: listeners closed")
@@ -236,38 +180,6 @@ class Server:
             await self.notifier.aclose(smtp.shutdown_timeout_seconds)
             background.cancel_scope.cancel()
         lifecycle.info("Shutdown complete")
-
-    async def _start_health(
-        self, nursery: trio.Nursery, bound: list[BoundListener]
-    ) -> BoundListener:
-        health = self.settings.health_check
-        submission = next(item for item in bound if item.name == ListenerKind.SUBMISSION.value)
-        probe = [
-            checks.database_check(self.store),
-            checks.connection_pool_check(self.store),
-            checks.disk_space_check(self._store_path()),
-            checks.memory_check(),
-            checks.smtp_check(
-                "127.0.0.1",
-                submission.port,
-                proxy_local=ListenerKind.SUBMISSION.value
-                in self.settings.smtp.proxy_protocol.listeners,
-            ),
-        ]
-        if health.dns_mx_domain:
-            probe.append(checks.dns_mx_check(health.dns_mx_domain))
-        probe.append(checks.certificate_check(self._certificate_health))
-        server = HealthServer(health.host, health.port, probe, self.metrics.registry)
-        try:
-            host, port = await nursery.start(server.serve)
-        except HealthBindError as exc:
-            raise StartupError("HealthCheck:Url", str(exc)) from None
-        return BoundListener(name="health", host=host, port=port, tls="none")
-
-    def _store_path(self) -> str:
-        if self.settings.default_connection:
-            return "."
-        return os.path.dirname(os.path.abspath(self.settings.storage.sqlite_path))
 
     async def _accept_loop(
         self,
@@ -286,7 +198,7 @@ class Server:
         except OSError:
             await trio.aclose_forcefully(socket_stream)
             return
-        client = (str(peer[0]), int(peer[1]))
+        client = (plain_address(str(peer[0])), int(peer[1]))
         stream: trio.abc.Stream = socket_stream
         if listener.proxy_protocol:
             real = await self._read_proxy_header(listener, socket_stream, client)
@@ -340,37 +252,104 @@ class Server:
         client = header.client or peer
         return client, PrefixedStream(stream, rest) if rest else stream
 
-    def _describe(
-        self, listener: Listener, sockets: list[trio.SocketListener]
-    ) -> list[BoundListener]:
-        if listener.implicit_tls:
-            mode = "implicit"
-        elif listener.protocol.tls_available:
-            mode = "starttls"
-        else:
-            mode = "none"
-        result = []
-        for sock in sockets:
-            host, port = sock.socket.getsockname()[:2]
-            result.append(BoundListener(name=listener.name, host=host, port=port, tls=mode))
-        return result
 
-    def _log_start(self) -> None:
-        smtp = self.settings.smtp
-        if smtp.secure_port > 0:
-            lifecycle.info(
-                "Starting SMTP server on port %d (plain) and %d (TLS)", smtp.port, smtp.secure_port
-            )
-        else:
-            lifecycle.info("Starting SMTP server on port %d (plain)", smtp.port)
-        if smtp.mx.enabled:
-            lifecycle.info(
-                "MX endpoint enabled on port %d for domains: %s",
-                smtp.mx.port,
-                ", ".join(smtp.mx.hosted_domains),
-            )
-        if not smtp.require_authentication and not smtp.mx.enabled:
-            log.warning(
-                "Smtp:RequireAuthentication is false: the submission listener accepts "
-                "mail from anyone (open sink)"
-            )
+def describe(listener: Listener, sockets: Sequence[socket.socket]) -> list[BoundListener]:
+    """How a listener's sockets are announced in the ``Listening:`` lines."""
+    if listener.implicit_tls:
+        mode = "implicit"
+    elif listener.protocol.tls_available:
+        mode = "starttls"
+    else:
+        mode = "none"
+    result = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        result.append(BoundListener(name=listener.name, host=host, port=port, tls=mode))
+    return result
+
+
+def log_bound(bound: Sequence[BoundListener]) -> None:
+    for item in bound:
+        lifecycle.info("Listening: %s on %s:%d (%s)", item.name, item.host, item.port, item.tls)
+
+
+def store_directory(settings: Settings) -> str:
+    """The directory whose disk the disk-space check watches."""
+    if settings.default_connection:
+        return "."
+    return os.path.dirname(os.path.abspath(settings.storage.sqlite_path))
+
+
+def health_checks(
+    settings: Settings,
+    store: Store,
+    *,
+    submission_port: int,
+    certificate_health: Callable[[], checks.StatusLike],
+) -> list[checks.HealthCheck]:
+    """SPEC §7's checks, in the original's order."""
+    health = settings.health_check
+    probe = [
+        checks.database_check(store),
+        checks.connection_pool_check(store),
+        checks.disk_space_check(store_directory(settings)),
+        checks.memory_check(),
+        checks.smtp_check(
+            "127.0.0.1",
+            submission_port,
+            proxy_local=ListenerKind.SUBMISSION.value in settings.smtp.proxy_protocol.listeners,
+        ),
+    ]
+    if health.dns_mx_domain:
+        probe.append(checks.dns_mx_check(health.dns_mx_domain))
+    probe.append(checks.certificate_check(certificate_health))
+    return probe
+
+
+async def start_health_server(
+    nursery: trio.Nursery,
+    settings: Settings,
+    probe: Sequence[checks.HealthCheck],
+    registry: CollectorRegistry,
+) -> BoundListener:
+    health = settings.health_check
+    server = HealthServer(health.host, health.port, probe, registry)
+    try:
+        host, port = await nursery.start(server.serve)
+    except HealthBindError as exc:
+        raise StartupError("HealthCheck:Url", str(exc)) from None
+    return BoundListener(name="health", host=host, port=port, tls="none")
+
+
+def plain_address(ip: str) -> str:
+    """An IPv4 client reached through a dual-stack socket, in its IPv4 spelling, so that
+    limits, logs and the rate limiter see one form."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+def log_start(settings: Settings, *, workers: int = 1) -> None:
+    """The original host's start-up lines, and the open-sink warning."""
+    smtp = settings.smtp
+    processes = f" with {workers} workers" if workers > 1 else ""
+    if smtp.secure_port > 0:
+        lifecycle.info(
+            "Starting SMTP server on port %d (plain) and %d (TLS)%s",
+            smtp.port,
+            smtp.secure_port,
+            processes,
+        )
+    else:
+        lifecycle.info("Starting SMTP server on port %d (plain)%s", smtp.port, processes)
+    if smtp.mx.enabled:
+        lifecycle.info(
+            "MX endpoint enabled on port %d for domains: %s",
+            smtp.mx.port,
+            ", ".join(smtp.mx.hosted_domains),
+        )
+    if not smtp.require_authentication and not smtp.mx.enabled:
+        log.warning(
+            "Smtp:RequireAuthentication is false: the submission listener accepts "
+            "mail from anyone (open sink)"
+        )

@@ -111,6 +111,11 @@ class AdminStore(Store, Protocol):
         """Create the Relate tables and indexes that are absent; never drop or alter."""
         ...
 
+    async def check_schema(self) -> None:
+        """Raise :class:`SchemaMissing` when the tables this host uses are absent,
+        :class:`StoreUnavailable` when the database cannot be reached."""
+        ...
+
     async def create_user(
         self, email: str, *, display_name: str | None, aliases: Collection[str]
     ) -> User: ...

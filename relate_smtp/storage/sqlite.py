@@ -627,6 +627,9 @@ class SqliteStore:
         async with self._write_lock:
             await self._run(work)
 
+    async def check_schema(self) -> None:
+        """Nothing to check: :meth:`open` creates the embedded store's tables itself."""
+
     # --- Store ---------------------------------------------------------------------
 
     async def find_user_by_address(self, address: str) -> User | None:
