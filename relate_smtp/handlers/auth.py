@@ -188,6 +188,14 @@ class ResultCache:
 _MAX_RECENT_KEYS = 100_000
 
 
+@attrs.define
+class _InFlight:
+    """One verification under way, shared by identical concurrent attempts."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: CachedResult | None = None
+
+
 class LastUsedUpdater:
     """Writes ``SmtpApiKeys.LastUsedAt`` in the background, in batches.
 
@@ -335,6 +343,7 @@ class Authenticator:
         )
         self._last_used = last_used
         self._verify = verify
+        self._inflight: dict[bytes, _InFlight] = {}
         self.stats = AuthStats()
 
     async def authenticate(self, username: str, password: str, client_ip: str) -> AuthResult:
@@ -357,6 +366,29 @@ class Authenticator:
             self.stats.cache_hits += 1
             return self._conclude(username, client_ip, cached, cache_key=None)
 
+        # Single flight: a client opening many connections at once with the same
+        # credentials waits for one bcrypt instead of paying for one each.
+        inflight = self._inflight.get(cache_key)
+        if inflight is not None:
+            await inflight.done.wait()
+            if inflight.result is None:
+                return AuthResult(outcome=AuthOutcome.TEMPORARY)
+            return self._conclude(username, client_ip, inflight.result, cache_key=None)
+        inflight = _InFlight()
+        self._inflight[cache_key] = inflight
+        try:
+            inflight.result = await self._check_credentials(username, password, client_ip)
+        finally:
+            del self._inflight[cache_key]
+            inflight.done.set()
+        if inflight.result is None:
+            return AuthResult(outcome=AuthOutcome.TEMPORARY)
+        return self._conclude(username, client_ip, inflight.result, cache_key=cache_key)
+
+    async def _check_credentials(
+        self, username: str, password: str, client_ip: str
+    ) -> CachedResult | None:
+        """Look the user and keys up and run bcrypt; None when the store failed."""
         try:
             user = await self._store.find_user_by_address(username)
             candidates: Sequence[ApiKey] = ()
@@ -365,20 +397,15 @@ class Authenticator:
         except StoreError as exc:
             self.stats.temporary += 1
             logger.warning("AUTH for %r from %s: store unavailable: %s", username, client_ip, exc)
-            return AuthResult(outcome=AuthOutcome.TEMPORARY)
+            return None
 
         if user is None:
             await self._dummy_verify(password)
-            return self._conclude(username, client_ip, _FAILED, cache_key=cache_key)
+            return _FAILED
         matched = await self._find_matching_key(user.id, candidates, password)
         if matched is None:
-            return self._conclude(username, client_ip, _FAILED, cache_key=cache_key)
-        return self._conclude(
-            username,
-            client_ip,
-            CachedResult(outcome=AuthOutcome.SUCCESS, user_id=user.id, key_id=matched.id),
-            cache_key=cache_key,
-        )
+            return _FAILED
+        return CachedResult(outcome=AuthOutcome.SUCCESS, user_id=user.id, key_id=matched.id)
 
     async def _find_matching_key(
         self, user_id: uuid.UUID, candidates: Sequence[ApiKey], password: str

@@ -723,6 +723,33 @@ async def test_cache_hit_skips_the_store_and_bcrypt() -> None:
     assert await h.last_used_writes() == [{h.key.id: NOW + timedelta(seconds=5)}]
 
 
+async def test_concurrent_identical_logins_share_one_bcrypt() -> None:
+    h = Harness()
+    outcomes: list[AuthOutcome] = []
+
+    async def login(ip: str) -> None:
+        outcomes.append(await h.login(ip=ip))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(login, f"192.0.2.{i}")
+    assert outcomes == [AuthOutcome.SUCCESS] * 10
+    assert h.verify.calls == 1
+
+
+async def test_concurrent_wrong_passwords_all_count_as_failures() -> None:
+    h = Harness()
+
+    async def login(ip: str) -> None:
+        assert await h.login(password="wrong", ip=ip) is AuthOutcome.FAILED
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(login, f"192.0.2.{i}")
+    assert h.verify.calls == 1
+    assert all(h.auth.rate_limiter.retry_after(f"192.0.2.{i}") is not None for i in range(3))
+
+
 async def test_cached_failure_still_counts_against_the_ip() -> None:
     h = Harness()
     assert await h.login(password="wrong") is AuthOutcome.FAILED
