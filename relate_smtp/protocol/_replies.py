@@ -98,6 +98,7 @@ SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing channel")
 TIMEOUT = _r(421, "4.4.2", "Timeout exceeded, closing channel")
 DATA_TOO_SLOW = _r(421, "4.4.2", "Data rate too low, closing channel")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
+INTERNAL_ERROR = _r(421, "4.3.0", "Internal error, closing channel")
 TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")  # RFC 3207 §4
 
 

@@ -8,6 +8,7 @@ finish, then background queues drain.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -155,7 +156,14 @@ class Server:
                             trio.SocketListener(trio.socket.from_stdlib_socket(sock))
                             for sock in own
                         ]
-                        listening.start_soon(self._accept_loop, listener, trio_listeners, handlers)
+                        listening.start_soon(
+                            functools.partial(
+                                trio.serve_listeners,
+                                functools.partial(self._handle, listener),
+                                trio_listeners,
+                                handler_nursery=handlers,
+                            )
+                        )
                     if health:
                         probe = health_checks(
                             self.settings,
@@ -180,17 +188,6 @@ class Server:
             await self.notifier.aclose(smtp.shutdown_timeout_seconds)
             background.cancel_scope.cancel()
         lifecycle.info("Shutdown complete")
-
-    async def _accept_loop(
-        self,
-        listener: Listener,
-        sockets: list[trio.SocketListener],
-        handlers: trio.Nursery,
-    ) -> None:
-        async def handle(stream: trio.SocketStream) -> None:
-            await self._handle(listener, stream)
-
-        await trio.serve_listeners(handle, sockets, handler_nursery=handlers)
 
     async def _handle(self, listener: Listener, socket_stream: trio.SocketStream) -> None:
         try:

@@ -23,6 +23,7 @@ from relate_smtp.protocol import (
     AUTH_FAILED,
     AUTH_TEMPORARY_FAILURE,
     DATA_TOO_SLOW,
+    INTERNAL_ERROR,
     LOCAL_ERROR,
     SHUTTING_DOWN,
     TIMEOUT,
@@ -93,6 +94,30 @@ class Services:
 class Session:
     """One connection from greeting to close."""
 
+    # Slots: thousands of idle sessions are held at once, and a dict each costs more.
+    __slots__ = (
+        "_bytes",
+        "_chunks",
+        "_client_ip",
+        "_client_port",
+        "_clock",
+        "_command_deadline",
+        "_conn",
+        "_data_budget",
+        "_listener",
+        "_messages",
+        "_outcome",
+        "_principal",
+        "_recipients",
+        "_services",
+        "_shutting_down",
+        "_stream",
+        "_timeouts",
+        "_tls",
+        "_user_addresses",
+        "_waiting",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -138,32 +163,30 @@ class Session:
 
     async def run(self) -> None:
         metrics = self._services.metrics
-        with metrics.connection():
-            try:
-                if self._listener.implicit_tls and not await self._start_tls():
-                    return
-                self._conn = ServerConnection(self._listener.protocol)
-                await self._drive(self._conn)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._outcome = "peer hung up"
-            except Exception:
-                self._outcome = "internal error"
-                log.exception("session from %s failed", self._client_ip)
-                await self._try_abort(LOCAL_ERROR)
-            finally:
-                # aclose_forcefully closes at once, even inside a cancelled scope.
-                await trio.aclose_forcefully(self._stream)
-                self._log_summary()
+        metrics.safely(metrics.active_connections.inc)
+        try:
+            if self._listener.implicit_tls and not await self._start_tls():
+                return
+            self._conn = conn = ServerConnection(self._listener.protocol)
+            with trio.CancelScope() as clock:
+                self._clock = clock
+                await self._converse(conn)
+            self._clock = None
+            if clock.cancelled_caught:
+                await self._interrupted(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._outcome = "peer hung up"
+        except Exception:
+            self._outcome = "internal error"
+            log.exception("session from %s failed", self._client_ip)
+            await self._try_abort(INTERNAL_ERROR)
+        finally:
+            # aclose_forcefully closes at once, even inside a cancelled scope.
+            await trio.aclose_forcefully(self._stream)
+            metrics.safely(metrics.active_connections.dec)
+            self._log_summary()
 
     # ---- the loop -----------------------------------------------------------------
-
-    async def _drive(self, conn: ServerConnection) -> None:
-        with trio.CancelScope() as clock:
-            self._clock = clock
-            await self._converse(conn)
-        self._clock = None
-        if clock.cancelled_caught:
-            await self._interrupted(conn)
 
     async def _interrupted(self, conn: ServerConnection) -> None:
         """The session clock ran out, or shutdown interrupted a wait for a command."""
