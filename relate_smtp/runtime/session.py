@@ -264,12 +264,11 @@ class Session:
         now = trio.current_time()
         if in_message:
             clock.deadline = now + min(self._data_budget, self._timeouts.data)
-        else:
+        elif clock.deadline != self._command_deadline:
             clock.deadline = self._command_deadline
         self._waiting = "receive"
         data = await self._stream.receive_some(RECEIVE_SIZE)
         self._waiting = None
-        clock.deadline = math.inf
         if in_message:
             self._account_data(len(data), trio.current_time() - now)
         return bytes(data)
@@ -289,15 +288,20 @@ class Session:
             return
         clock = self._clock
         assert clock is not None
-        now = trio.current_time()
-        clock.deadline = now + self._timeouts.command
+        # A reply means the peer completed a command: the next one gets a full period
+        # (RFC 5321 §4.5.3.2), while a line dribbled in byte by byte never earns one. The
+        # same deadline bounds this write, so a peer that reads nothing is cut too.
+        self._command_deadline = clock.deadline = trio.current_time() + self._timeouts.command
         self._waiting = "send"
         await self._stream.send_all(data)
         self._waiting = None
-        clock.deadline = math.inf
-        # A reply means the peer completed a command: the next one gets a full period
-        # (RFC 5321 §4.5.3.2), while a line dribbled in byte by byte never earns one.
-        self._command_deadline = now + self._timeouts.command
+
+    def _pause_clock(self) -> None:
+        """No deadline while the handlers decide (bcrypt, the database): only waits on
+        the peer are timed."""
+        clock = self._clock
+        if clock is not None and clock.deadline != math.inf:
+            clock.deadline = math.inf
 
     async def _try_abort(self, reply: Reply) -> None:
         conn = self._conn
@@ -341,6 +345,7 @@ class Session:
     # ---- decisions ----------------------------------------------------------------
 
     async def _authenticate(self, conn: ServerConnection, event: AuthRequest) -> None:
+        self._pause_clock()
         metrics = self._services.metrics
         metrics.safely(metrics.auth_attempts.inc)
         result = await self._services.authenticator.authenticate(
@@ -358,6 +363,7 @@ class Session:
             conn.reject(AUTH_TEMPORARY_FAILURE)
 
     async def _mail_from(self, conn: ServerConnection, event: MailFrom) -> None:
+        self._pause_clock()
         services = self._services
         addresses: tuple[str, ...] = ()
         if self._principal is not None and services.mailbox_filter.restrict_sender_to_login:
@@ -382,6 +388,7 @@ class Session:
         return self._user_addresses
 
     async def _rcpt_to(self, conn: ServerConnection, event: RcptTo) -> None:
+        self._pause_clock()
         path = Envelope(
             local_part=event.local_part, domain=event.domain, source_route=event.source_route
         )
@@ -396,6 +403,7 @@ class Session:
             conn.reject(reply)
 
     async def _message_end(self, conn: ServerConnection, size: int) -> None:
+        self._pause_clock()
         services = self._services
         metrics = services.metrics
         raw = b"".join(self._chunks)
