@@ -174,7 +174,11 @@ class MailboxFilter:
         if path.local_part.lower() == POSTMASTER or not self.validate_recipients:
             return None
         try:
-            user = await self.store.find_user_by_address(f"{path.local_part}@{domain}")
+            # The address as written, not with the normalised domain: the session records
+            # it as written and the store links users by it, so a user this lookup finds
+            # is a user the stored message will be linked to (an IDN user kept under the
+            # other label form is refused, 550 5.1.1, rather than accepted unlinked).
+            user = await self.store.find_user_by_address(f"{path.local_part}@{path.domain}")
         except StoreError as exc:
             # Any database failure is the server's problem, never the sender's: a 5xx
             # here would bounce mail for a real user (SPEC §4), so the sender retries.

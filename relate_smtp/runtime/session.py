@@ -47,7 +47,7 @@ from relate_smtp.protocol import (
 )
 from relate_smtp.runtime import tls
 from relate_smtp.runtime.metrics import Metrics
-from relate_smtp.storage import Store, StoreUnavailable
+from relate_smtp.storage import Store, StoreError
 
 log = logging.getLogger("relate_smtp.session")
 
@@ -369,7 +369,8 @@ class Session:
         if self._principal is not None and services.mailbox_filter.restrict_sender_to_login:
             try:
                 addresses = await self._addresses_of_user(self._principal)
-            except StoreUnavailable:
+            except StoreError as exc:
+                log.warning("sender check failed (database): %s", exc)
                 conn.reject(LOCAL_ERROR)
                 return
         reply = await services.mailbox_filter.check_sender(
