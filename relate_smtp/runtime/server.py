@@ -77,6 +77,7 @@ class Server:
         )
         self._shutdown = trio.Event()
         self._sessions: set[Session] = set()
+        self._preambles: set[trio.CancelScope] = set()
         smtp = settings.smtp
         self._limiter = ConnectionLimiter(
             max_total=smtp.max_connections,
@@ -181,6 +182,8 @@ class Server:
                     await self._shutdown.wait()
                     lifecycle.info("Shutting down: listeners closed")
                     listening.cancel_scope.cancel()
+                for preamble in list(self._preambles):
+                    preamble.cancel()
                 for session in list(self._sessions):
                     session.request_shutdown()
                 handlers.cancel_scope.deadline = trio.current_time() + smtp.shutdown_timeout_seconds
@@ -198,14 +201,27 @@ class Server:
         client = (plain_address(str(peer[0])), int(peer[1]))
         stream: trio.abc.Stream = socket_stream
         if listener.proxy_protocol:
-            real = await self._read_proxy_header(listener, socket_stream, client)
-            if real is None:
+            # Tracked so that shutdown can interrupt a peer that never sends its header.
+            with trio.CancelScope() as preamble:
+                self._preambles.add(preamble)
+                if self._shutdown.is_set():
+                    preamble.cancel()
+                try:
+                    real = await self._read_proxy_header(listener, socket_stream, client)
+                finally:
+                    self._preambles.discard(preamble)
+            if preamble.cancelled_caught or real is None:
                 await trio.aclose_forcefully(socket_stream)
                 return
             client, stream = real
         if not self._limiter.try_acquire(client[0]):
             self.metrics.reject("too_many_connections")
             log.info("refused %s on %s: too many connections", client[0], listener.name)
+            if listener.implicit_tls:
+                # A plaintext 421 would be garbage to a client starting TLS, and a
+                # handshake is work an overloaded server should not do: just close.
+                await trio.aclose_forcefully(stream)
+                return
             with (
                 trio.move_on_after(5),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),

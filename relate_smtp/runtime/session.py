@@ -165,15 +165,21 @@ class Session:
         metrics = self._services.metrics
         metrics.safely(metrics.active_connections.inc)
         try:
-            if self._listener.implicit_tls and not await self._start_tls():
-                return
-            self._conn = conn = ServerConnection(self._listener.protocol)
+            conn: ServerConnection | None = None
+            # The clock also covers the implicit-TLS handshake, so that shutdown can
+            # interrupt a client that connected and never said a word.
             with trio.CancelScope() as clock:
                 self._clock = clock
+                if self._listener.implicit_tls and not await self._start_tls():
+                    return
+                self._conn = conn = ServerConnection(self._listener.protocol)
                 await self._converse(conn)
             self._clock = None
             if clock.cancelled_caught:
-                await self._interrupted(conn)
+                if conn is None:
+                    self._outcome = "shutdown"
+                else:
+                    await self._interrupted(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._outcome = "peer hung up"
         except Exception:
@@ -192,6 +198,10 @@ class Session:
         """The session clock ran out, or shutdown interrupted a wait for a command."""
         if self._waiting == "send":
             self._outcome = "client not reading"
+            return
+        if self._waiting == "handshake":
+            # The client was told 220 and speaks TLS now: plaintext would be garbage.
+            self._outcome = "shutdown" if self._shutting_down else "timeout"
             return
         if self._shutting_down and not conn.in_message:
             self._outcome = "shutdown"
@@ -324,6 +334,7 @@ class Session:
         ssl_stream = tls.wrap_server(self._stream, context)
         metrics = self._services.metrics
         name = self._listener.name
+        self._waiting = "handshake"
         with trio.move_on_after(self._timeouts.tls_handshake) as scope:
             try:
                 await ssl_stream.do_handshake()
@@ -332,6 +343,7 @@ class Session:
                 metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
                 log.info("TLS handshake with %s failed: %s", self._client_ip, _describe(exc))
                 return False
+        self._waiting = None
         if scope.cancelled_caught:
             self._outcome = "tls handshake timeout"
             metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
