@@ -156,32 +156,56 @@ class MailboxFilter:
         self, listener: ListenerKind, principal: Principal | None, path: Envelope
     ) -> Reply | None:
         """None accepts the recipient; a Reply rejects it."""
+        reply, _ = await self.decide_recipient(listener, principal, path)
+        return reply
+
+    async def decide_recipient(
+        self, listener: ListenerKind, principal: Principal | None, path: Envelope
+    ) -> tuple[Reply | None, str | None]:
+        """The reply (None accepts) and, for an accepted local user, the spelling of the
+        address the user is stored under, which the session records so that the stored
+        message links to them (None: record the address as written)."""
         if principal is not None or not self.mx_enabled:
-            return None
+            return None, None
         if listener is not ListenerKind.MX:
-            return AUTH_REQUIRED
+            return AUTH_REQUIRED, None
         return await self._check_inbound(path)
 
-    async def _check_inbound(self, path: Envelope) -> Reply | None:
+    async def _check_inbound(self, path: Envelope) -> tuple[Reply | None, str | None]:
         if has_relay_trick(path):
-            return RELAY_DENIED
+            return RELAY_DENIED, None
         if not path.domain:
             # RFC 5321 §4.1.1.3: the bare "postmaster" needs no domain.
-            return None if path.local_part.lower() == POSTMASTER else RELAY_DENIED
+            return (None if path.local_part.lower() == POSTMASTER else RELAY_DENIED), None
         domain = normalize_domain(path.domain)
         if domain is None or domain not in self.hosted_domains:
-            return RELAY_DENIED
+            return RELAY_DENIED, None
         if path.local_part.lower() == POSTMASTER or not self.validate_recipients:
-            return None
+            return None, None
         try:
-            # The address as written, not with the normalised domain: the session records
-            # it as written and the store links users by it, so a user this lookup finds
-            # is a user the stored message will be linked to (an IDN user kept under the
-            # other label form is refused, 550 5.1.1, rather than accepted unlinked).
-            user = await self.store.find_user_by_address(f"{path.local_part}@{path.domain}")
+            # The address as written first, then in the other label form of an IDN: a
+            # user is linked by the exact spelling the session records, so the spelling
+            # that found the user is the one to record.
+            for address in _spellings(path.local_part, path.domain, domain):
+                if await self.store.find_user_by_address(address) is not None:
+                    return None, address
         except StoreError as exc:
             # Any database failure is the server's problem, never the sender's: a 5xx
             # here would bounce mail for a real user (SPEC §4), so the sender retries.
             log.warning("recipient check failed (database): %s", exc)
-            return LOCAL_ERROR
-        return None if user is not None else UNKNOWN_USER
+            return LOCAL_ERROR, None
+        return UNKNOWN_USER, None
+
+
+def _spellings(local_part: str, written: str, ascii_domain: str) -> list[str]:
+    """``local@domain`` as written, with A-labels, and with U-labels (distinct)."""
+    try:
+        unicode_domain = ascii_domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        unicode_domain = ascii_domain
+    forms = [f"{local_part}@{d}" for d in (written, ascii_domain, unicode_domain)]
+    # The stores compare case-insensitively: one lookup per spelling that differs otherwise.
+    distinct: dict[str, str] = {}
+    for form in forms:
+        distinct.setdefault(form.lower(), form)
+    return list(distinct.values())

@@ -405,11 +405,11 @@ class Session:
         path = Envelope(
             local_part=event.local_part, domain=event.domain, source_route=event.source_route
         )
-        reply = await self._services.mailbox_filter.check_recipient(
+        reply, stored_as = await self._services.mailbox_filter.decide_recipient(
             self._listener.kind, self._principal, path
         )
         if reply is None:
-            self._recipients.append(event.address)
+            self._recipients.append(stored_as or event.address)
             conn.accept()
         else:
             self._services.metrics.reject("recipient")

@@ -521,13 +521,6 @@ async def test_idn_user_reached_in_the_form_stored(tmp_path: Path, store: Sqlite
     assert notified == [(dora.user.id,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the session records the envelope address as written and the store links "
-    "users by exact (case-insensitive) address, so the U-label and A-label forms of one "
-    "hosted domain do not reach the same user; the policy refuses (550 5.1.1) rather "
-    "than accept mail it cannot link",
-)
 @pytest.mark.parametrize(
     ("stored", "written"),
     [(f"dora@{IDN_A}", f"dora@{IDN_U}"), (f"dora@{IDN_U}", f"dora@{IDN_A}")],
