@@ -7,10 +7,14 @@ process, this process being the load generator; then one table is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import inspect
+import io
 import json
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -25,45 +29,70 @@ from bench.scenarios import SCENARIOS, Measurement, Scenario, Target, measure, s
 DEFAULT_KEY = "bench-api-key-0123456789abcdef"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a server is configured for a scenario (the relate-smtp ones vary by store)."""
+
+    auth: bool = False
+    store: servers.Store = "discard"
+    workers: int | None = None
+
+
 @dataclass
 class Contender:
-    """One server column: started on first use, one instance without and one with AUTH."""
+    """One server column: started on first use, one instance per ``Variant``."""
 
     name: str
-    make: Callable[[bool], servers.Server | None]
+    make: Callable[[Variant], servers.Server | None]
     start: Callable[[servers.Server], None] = servers.Server.start
     unavailable: str = ""
-    instances: dict[bool, servers.Server] = field(default_factory=dict)
+    instances: dict[Variant, servers.Server] = field(default_factory=dict)
     external: Target | None = None
     notes: list[str] = field(default_factory=list)
     retired: list[servers.Server] = field(default_factory=list)
+    configurable: bool = False  # honours a scenario's store and worker count
+    workers: int | None = None  # the --workers option
 
-    def target(self, auth: bool) -> Target | None:
+    def variant(self, scenario: Scenario, *, one_worker: bool = False) -> Variant:
+        if not self.configurable:
+            return Variant(scenario.auth)
+        workers = None if one_worker else (scenario.workers or self.workers)
+        return Variant(scenario.auth, scenario.store, workers)
+
+    def target(self, variant: Variant) -> Target | None:
         if self.external is not None:
             return self.external
         if self.unavailable:
             raise servers.ServerError(self.unavailable)
-        server = self.instances.get(auth)
+        server = self.instances.get(variant)
         if server is None or not server.alive():
             if server is not None:
                 self.notes.append(
                     f"{server.name} had died (status {server.process and server.process.poll()})"
                     "; restarted"
                 )
-            server = self.make(auth)
+            server = self.make(variant)
             if server is None:
                 return None
             self.start(server)
-            self.instances[auth] = server
+            self.instances[variant] = server
         return Target(self.name, server.host, server.port, server.pid)
 
-    def restart(self, auth: bool) -> None:
+    def restart(self, variant: Variant) -> None:
         """Drop the running instance so the next ``target`` starts a fresh one."""
-        server = self.instances.pop(auth, None)
+        server = self.instances.pop(variant, None)
         if server is not None:
-            server.stop()
-            self.notes.extend(f"{server.name}: {note}" for note in server.notes)
-            self.retired.append(server)
+            self._retire(server)
+
+    def keep_only(self, needed: set[Variant]) -> None:
+        """Stop the instances no later scenario needs."""
+        for variant in [v for v in self.instances if v not in needed]:
+            self._retire(self.instances.pop(variant))
+
+    def _retire(self, server: servers.Server) -> None:
+        server.stop()
+        self.notes.extend(f"{server.name}: {note}" for note in server.notes)
+        self.retired.append(server)
 
     def stop(self) -> None:
         for server in self.instances.values():
@@ -114,6 +143,18 @@ def _parser() -> argparse.ArgumentParser:
         help="run each scenario N times, servers alternating; keep the median run",
     )
     parser.add_argument("--no-micro", action="store_true", help="skip the per-module figures")
+    parser.add_argument(
+        "--store-runs",
+        type=int,
+        metavar="N",
+        help="paired runs of the PostgreSQL write path (bench_store; default 5, quick 1)",
+    )
+    parser.add_argument(
+        "--store-seconds",
+        type=float,
+        metavar="S",
+        help="length of one write-path measurement (default 1.5, quick 0.5)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the raw figures")
     parser.add_argument(
         "--keep", action="store_true", help="keep the servers' working directories and logs"
@@ -121,32 +162,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _contenders(args: argparse.Namespace, workdir: Path) -> list[Contender]:
+def _contenders(
+    args: argparse.Namespace, workdir: Path, postgres: servers.PostgresDatabase | None
+) -> list[Contender]:
     wanted = [name.strip() for name in args.servers.split(",") if name.strip()]
     found: list[Contender] = []
     for name in wanted:
         if name == "aiosmtpd":
-            found.append(Contender(name, lambda auth: _aiosmtpd(workdir, auth)))
+            found.append(Contender(name, lambda v: _aiosmtpd(workdir, v.auth)))
         elif name == "relate-smtp":
             reason = servers.relate_runnable()
             found.append(
                 Contender(
                     name,
-                    lambda auth: servers.relate_smtp(
-                        workdir, require_auth=auth, workers=args.workers
+                    lambda v: servers.relate_smtp(
+                        workdir,
+                        require_auth=v.auth,
+                        workers=v.workers,
+                        store=v.store,
+                        postgres=postgres,
                     ),
                     start=servers.start_relate,
                     unavailable=f"relate-smtp cannot start: {reason}" if reason else "",
+                    configurable=True,
+                    workers=args.workers,
                 )
             )
         elif name == "smtp-sink" and servers.smtp_sink_path():
             found.append(
-                Contender(name, lambda auth: None if auth else servers.postfix_sink(workdir))
+                Contender(name, lambda v: None if v.auth else servers.postfix_sink(workdir))
             )
     if args.external:
         host, _, port = args.external.rpartition(":")
         target = Target("external", host or "127.0.0.1", int(port), args.external_pid)
-        found.append(Contender("external", lambda auth: None, external=target))
+        found.append(Contender("external", lambda v: None, external=target))
     return found
 
 
@@ -157,24 +206,50 @@ def _aiosmtpd(workdir: Path, auth: bool) -> servers.Server:
     return servers.aiosmtpd_sink(workdir, _credentials if auth else None)
 
 
+def _store_counter(
+    contender: Contender,
+    scenario: Scenario,
+    workdir: Path,
+    postgres: servers.PostgresDatabase | None,
+) -> Callable[[], int] | None:
+    """How to count the e-mails relate-smtp stored in this scenario (None: not stored)."""
+    if not contender.configurable or not scenario.full_path:
+        return None
+    if scenario.store == "sqlite":
+        return lambda: servers.sqlite_emails(workdir / servers.SQLITE_STORE)
+    if postgres is None or not postgres.created:
+        raise servers.ServerError("PostgreSQL is unavailable")
+    return postgres.emails
+
+
 def _measure_one(
-    contender: Contender, scenario: Scenario, quick: bool
+    contender: Contender,
+    scenario: Scenario,
+    quick: bool,
+    *,
+    workdir: Path,
+    postgres: servers.PostgresDatabase | None,
+    one_worker: bool = False,
 ) -> tuple[Measurement | None, str]:
+    variant = contender.variant(scenario, one_worker=one_worker)
     try:
         if scenario.auth and contender.external is not None:
             return None, ""
         if scenario.fresh_server:
-            contender.restart(scenario.auth)
-        target = contender.target(scenario.auth)
+            contender.restart(variant)
+        target = contender.target(variant)
         if target is None:
             return None, ""
-        measurement = measure(target, scenario, quick=quick, auth=_credentials)
+        counter = _store_counter(contender, scenario, workdir, postgres)
+        measurement = measure(
+            target, scenario, quick=quick, auth=_credentials, count_stored=counter
+        )
     except servers.ServerError as exc:
         return Measurement(failure=str(exc)), str(exc)
     except Exception as exc:  # a bench bug must not hide the other figures
         text = "".join(traceback.format_exception_only(exc)).strip()
         return Measurement(failure=text), f"{scenario.key}: {text}"
-    server = contender.instances.get(scenario.auth)
+    server = contender.instances.get(variant)
     if server is not None and not server.alive():
         code = server.process.poll() if server.process else None
         measurement.failure = f"server died during {scenario.key} (status {code})"
@@ -198,6 +273,7 @@ def _micro() -> list[str]:
     lines: list[str] = []
     for module_name in ("bench.bench_message", "bench.bench_core"):
         if importlib.util.find_spec(module_name) is None:
+            lines.append(f"{module_name}: not present")
             continue
         try:
             module = importlib.import_module(module_name)
@@ -211,46 +287,116 @@ def _micro() -> list[str]:
     return lines
 
 
+def _store_write_path(runs: int, seconds: float) -> str:
+    """``bench.bench_store``'s table (PostgreSQL write path alone), or why it is missing."""
+    try:
+        module = importlib.import_module("bench.bench_store")
+    except Exception as exc:
+        return f"bench.bench_store: not importable ({type(exc).__name__}: {exc}); skipped"
+    run = getattr(module, "run", None)
+    if run is None:
+        return "bench.bench_store: has no run(); skipped"
+    wanted = {"seconds": seconds, "runs": runs, "sqlite": False}
+    try:
+        accepted: set[str] = set(inspect.signature(run).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    kwargs = {key: value for key, value in wanted.items() if key in accepted}
+    print(f"  bench_store     {runs} paired run(s) of {seconds:g} s", file=sys.stderr, flush=True)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            figures = run(**kwargs)
+    except Exception as exc:
+        text = out.getvalue().strip()
+        return (text + "\n" if text else "") + (
+            f"bench.bench_store: failed ({type(exc).__name__}: {exc})"
+        )
+    text = out.getvalue().strip()
+    if not text and isinstance(figures, dict):
+        text = "\n".join(f"{key}: {value}" for key, value in figures.items())
+    return text
+
+
+def _prepare_postgres(
+    chosen: Sequence[Scenario],
+    contenders: Sequence[Contender],
+    database: servers.PostgresDatabase,
+    workdir: Path,
+) -> str:
+    """Create the database of the PostgreSQL full-path scenarios, when there are some."""
+    relate = next((c for c in contenders if c.configurable and not c.unavailable), None)
+    if relate is None or not any(s.store == "postgres" for s in chosen):
+        return ""
+    try:
+        database.create(workdir)
+    except (servers.ServerError, OSError, subprocess.SubprocessError) as exc:
+        with contextlib.suppress(Exception):
+            database.drop()
+        return f"PostgreSQL full path skipped: {exc}"
+    return ""
+
+
+def _variants_after(contender: Contender, chosen: Sequence[Scenario], index: int) -> set[Variant]:
+    needed: set[Variant] = set()
+    for later in chosen[index + 1 :]:
+        needed.add(contender.variant(later))
+        if later.versus_one_worker:
+            needed.add(contender.variant(later, one_worker=True))
+    return needed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _credentials
     args = _parser().parse_args(argv)
     chosen = select(args.only)
     workdir = servers.temp_workdir()
-    contenders = _contenders(args, workdir)
+    postgres = servers.PostgresDatabase()
+    contenders = _contenders(args, workdir, postgres)
     names = [c.name for c in contenders]
     results: dict[tuple[str, str], Measurement] = {}
     failures: list[str] = []
     started = time.monotonic()
     print(f"machine: {report.machine()}", file=sys.stderr)
     try:
+        if "smtp-sink" in args.servers.split(",") and not servers.smtp_sink_path():
+            failures.append("smtp-sink (Postfix, the C reference): not installed; no column")
+        problem = _prepare_postgres(chosen, contenders, postgres, workdir)
+        if problem:
+            failures.append(problem)
         relate = next((c for c in contenders if c.name == report.PRODUCT), None)
         if any(s.auth for s in chosen) and relate is not None and not relate.unavailable:
             try:
                 _credentials = servers.relate_credentials(workdir)
             except servers.ServerError as exc:
                 failures.append(f"relate-smtp credentials: {exc}")
-        for scenario in chosen:
-            runs: dict[str, list[Measurement]] = {}
-            for round_ in range(max(1, args.repeat)):
-                for contender in contenders:
-                    label = f"  {scenario.key:<11} {contender.name}"
-                    if args.repeat > 1:
-                        label += f" (run {round_ + 1}/{args.repeat})"
-                    print(label, file=sys.stderr, flush=True)
-                    measurement, failure = _measure_one(contender, scenario, args.quick)
-                    if measurement is not None:
-                        runs.setdefault(contender.name, []).append(measurement)
-                    if failure and failure not in failures:
-                        failures.append(f"{contender.name}: {failure}")
-            for name, measured in runs.items():
-                results[(scenario.key, name)] = _median(scenario, measured)
+        for index, scenario in enumerate(chosen):
+            _run_scenario(scenario, contenders, args, results, failures, workdir, postgres)
+            for contender in contenders:
+                contender.keep_only(_variants_after(contender, chosen, index))
     finally:
         for contender in contenders:
             contender.stop()
+        if postgres.created:
+            try:
+                postgres.drop()
+            except Exception as exc:
+                failures.append(f"could not drop database {postgres.name}: {exc}")
     elapsed = time.monotonic() - started
 
+    store_table = ""
+    if not args.no_micro:
+        micro = _micro()
+        runs = args.store_runs if args.store_runs is not None else (1 if args.quick else 5)
+        seconds = args.store_seconds or (0.5 if args.quick else 1.5)
+        store_table = _store_write_path(runs, seconds)
+    total = time.monotonic() - started
+
     print()
-    print(f"## relate-smtp vs aiosmtpd ({'quick' if args.quick else 'full'} run, {elapsed:.0f} s)")
+    print(
+        f"## relate-smtp vs aiosmtpd ({'quick' if args.quick else 'full'} run, "
+        f"{elapsed:.0f} s of scenarios, {total:.0f} s in all)"
+    )
     print()
     print(f"Machine: {report.machine()}")
     print()
@@ -261,13 +407,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             names=", ".join(names), product=report.PRODUCT, baseline=report.BASELINE
         )
     )
+    for section in (
+        report.stored_table(chosen, results),
+        report.workers_table(chosen, results),
+    ):
+        if section:
+            print()
+            print(section)
     _print_notes(contenders, results, failures, args.workers)
     if not args.no_micro:
-        micro = _micro()
-        if micro:
-            print("\nPer-module figures (µs of CPU per call):")
-            for line in micro:
-                print(f"  {line}")
+        print("\nPer-module figures (units in the names: _us µs of CPU per call, _mb_s MB/s):")
+        for line in micro:
+            print(f"  {line}")
+        print("\nbench.bench_store, the PostgreSQL write path alone:")
+        print("  " + store_table.replace("\n", "\n  "))
     if args.json:
         raw = {f"{key}/{name}": _jsonable(m) for (key, name), m in results.items()}
         args.json.write_text(json.dumps(raw, indent=2))
@@ -276,6 +429,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _run_scenario(
+    scenario: Scenario,
+    contenders: Sequence[Contender],
+    args: argparse.Namespace,
+    results: dict[tuple[str, str], Measurement],
+    failures: list[str],
+    workdir: Path,
+    postgres: servers.PostgresDatabase | None,
+) -> None:
+    """Measure every contender (alternating, ``--repeat`` times) and keep the medians."""
+    runs: dict[str, list[Measurement]] = {}
+    for round_ in range(max(1, args.repeat)):
+        for contender in contenders:
+            passes = [False]
+            if scenario.versus_one_worker and contender.configurable:
+                # paired: one process, then N workers, order flipped every other round
+                passes = [True, False] if round_ % 2 == 0 else [False, True]
+            measured: dict[bool, Measurement] = {}
+            for one_worker in passes:
+                label = f"  {scenario.key:<11} {contender.name}"
+                if one_worker:
+                    label += " (one process)"
+                if args.repeat > 1:
+                    label += f" (run {round_ + 1}/{args.repeat})"
+                print(label, file=sys.stderr, flush=True)
+                measurement, failure = _measure_one(
+                    contender,
+                    scenario,
+                    args.quick,
+                    workdir=workdir,
+                    postgres=postgres,
+                    one_worker=one_worker,
+                )
+                if measurement is not None:
+                    measured[one_worker] = measurement
+                    if measurement.accepted != measurement.stored:
+                        failures.append(
+                            f"{contender.name} {scenario.key}: {measurement.accepted} messages got"
+                            f" 250 but {measurement.stored} e-mails were stored"
+                        )
+                if failure and failure not in failures:
+                    failures.append(f"{contender.name}: {failure}")
+            main_run = measured.get(False)
+            if main_run is not None:
+                main_run.one_worker = measured.get(True)
+                runs.setdefault(contender.name, []).append(main_run)
+    for name, measured_runs in runs.items():
+        results[(scenario.key, name)] = _median(scenario, measured_runs)
 
 
 def _print_notes(

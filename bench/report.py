@@ -48,7 +48,16 @@ def _p(q: float) -> Getter:
     return get
 
 
-_TARGETS: dict[str, float] = {"c10": 1.5, "c100": 1.5, "pipelined": 2.0, "auth": 1.5}
+_TARGETS: dict[str, float] = {
+    "c10": 1.5,
+    "c100": 1.5,
+    "pipelined": 2.0,
+    "auth": 1.5,
+    "sqlite20": 0.75,  # the full path against aiosmtpd's null handler
+    "pg20": 0.75,
+}
+WORKERS_SPEEDUP = 1.3  # --workers N msg/s over one process
+WORKERS_CPU = 1.15  # --workers N server CPU per message over one process, at most
 
 
 def rows_for(scenario: Scenario) -> list[Row]:
@@ -171,18 +180,114 @@ def _joined(measured: Sequence[Measurement | None], get: Callable[[Measurement],
     return " / ".join(get(m) if m else "-" for m in measured)
 
 
-def _render(lines: list[list[str]]) -> str:
+def _render(lines: list[list[str]], left: int = 2) -> str:
+    """A Markdown table; the first ``left`` columns are text, the rest numbers."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def fmt(line: list[str]) -> str:
         cells = [
-            cell.ljust(width) if i < 2 else cell.rjust(width)
+            cell.ljust(width) if i < left else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         return "| " + " | ".join(cells) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])])
+
+
+def stored_table(scenarios: Sequence[Scenario], results: dict[tuple[str, str], Measurement]) -> str:
+    """Full path: the e-mails relate-smtp stored against the 250s the generator received."""
+    lines = [["scenario", "store", "250 replies", 'rows added to "Emails"', "check"]]
+    for scenario in scenarios:
+        m = results.get((scenario.key, PRODUCT))
+        if not scenario.full_path or m is None:
+            continue
+        if m.failure or m.accepted is None or m.stored is None:
+            check = "not measured" + (f" ({m.failure.splitlines()[0]})" if m.failure else "")
+        elif m.accepted == m.stored:
+            check = "equal"
+        else:
+            check = f"MISMATCH ({m.stored - m.accepted:+d})"
+        lines.append(
+            [
+                scenario.title,
+                scenario.store,
+                "-" if m.accepted is None else f"{m.accepted:,}",
+                "-" if m.stored is None else f"{m.stored:,}",
+                check,
+            ]
+        )
+    if len(lines) == 1:
+        return ""
+    return (
+        "Full path: e-mails stored by relate-smtp against 250 replies to DATA"
+        " (warm-up and measured run; counted in the store afterwards)\n\n" + _render(lines)
+    )
+
+
+def workers_table(
+    scenarios: Sequence[Scenario], results: dict[tuple[str, str], Measurement]
+) -> str:
+    """relate-smtp ``--workers N`` against one process, measured back to back."""
+    blocks: list[str] = []
+    for scenario in scenarios:
+        many = results.get((scenario.key, PRODUCT))
+        if not scenario.versus_one_worker or many is None:
+            continue
+        one = many.one_worker
+        lines = [
+            [
+                "relate-smtp",
+                "msg/s",
+                "server CPU µs/msg",
+                "server CPU",
+                "generator CPU",
+                "other load",
+                "errors",
+            ]
+        ]
+        for label, m in ((f"--workers {scenario.workers}", many), ("one process", one)):
+            lines.append(
+                [
+                    label,
+                    _cell(m, _msgs(m) if m else None),
+                    _num(m.server_us_per_msg) if m else "-",
+                    _pct(m.share(m.server_cpu_s)) if m else "-",
+                    _pct(m.result.cpu_share) if m and m.result else "-",
+                    _pct(m.share(m.background_cpu_s)) if m else "-",
+                    str(m.result.errors) if m and m.result else "-",
+                ]
+            )
+        speed = _ratio(_msgs(many), _msgs(one) if one else None)
+        cpu = _ratio(many.server_us_per_msg, one.server_us_per_msg if one else None)
+        verdicts = [
+            f"msg/s ratio {_x(speed)} (target ≥ {WORKERS_SPEEDUP:g}x"
+            f"{_ok(speed is not None and speed >= WORKERS_SPEEDUP, speed)})",
+            f"server CPU per message ratio {_x(cpu)} (target ≤ {WORKERS_CPU:g}x, i.e. within"
+            f" {WORKERS_CPU * 100 - 100:.0f} %{_ok(cpu is not None and cpu <= WORKERS_CPU, cpu)})",
+        ]
+        blocks.append(
+            f"--workers {scenario.workers} against one process ({scenario.title}; the two runs"
+            " back to back, order alternating with --repeat)\n\n"
+            + _render(lines, left=1)
+            + "\n"
+            + "; ".join(verdicts)
+        )
+    return "\n\n".join(blocks)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _ok(ok: bool, value: float | None) -> str:
+    if value is None:
+        return ""
+    return ": ok" if ok else ": MISS"
 
 
 def machine() -> str:
@@ -233,4 +338,9 @@ CPU ratio: {baseline} µs/msg / {product} µs/msg (above 1: {product} is cheaper
 server CPU, generator CPU, other load: share of one core over the measured run. The
   load generator is this process (raw sockets, one epoll loop); "other load" is the rest
   of the machine (/proc/stat), which competes for the same cores.
-Latency: from the write that ends the data to the 250 reply."""
+Latency: from the write that ends the data to the 250 reply.
+"stored in SQLite/PostgreSQL": relate-smtp without Storage:DiscardMessages (MIME parse and
+  commit before the 250; SQLite file / temporary database made by `db init`), the other
+  servers still discarding; ratio against aiosmtpd's null handler at the same concurrency.
+  The PostgreSQL server's own CPU is not in "server CPU" but in "other load".
+"--workers 2": relate-smtp serve --workers 2 (CPU of the parent and both workers)."""

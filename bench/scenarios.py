@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,14 @@ class Scenario:
     auth: bool = False
     idle_count: int = 2000
     fresh_server: bool = False
+    store: servers.Store = "discard"  # relate-smtp's store; the other servers discard
+    workers: int | None = None  # relate-smtp serve --workers (None: the --workers option)
+    versus_one_worker: bool = False  # also measure relate-smtp with one process, paired
+
+    @property
+    def full_path(self) -> bool:
+        """relate-smtp parses and stores each message (no ``Storage:DiscardMessages``)."""
+        return self.store != "discard"
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -72,6 +81,18 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("auth", "2 KiB, 10 conns, AUTH PLAIN each (warm)", "load", 10, auth=True),
     Scenario("idle", "2,000 idle conns after EHLO", "idle", 0, fresh_server=True),
+    Scenario("sqlite1", "2 KiB, 1 conn, stored in SQLite", "load", 1, store="sqlite"),
+    Scenario("sqlite20", "2 KiB, 20 conns, stored in SQLite", "load", 20, store="sqlite"),
+    Scenario("pg1", "2 KiB, 1 conn, stored in PostgreSQL", "load", 1, store="postgres"),
+    Scenario("pg20", "2 KiB, 20 conns, stored in PostgreSQL", "load", 20, store="postgres"),
+    Scenario(
+        "workers2",
+        "2 KiB, 100 conns, 1 msg/conn, --workers 2",
+        "load",
+        100,
+        workers=2,
+        versus_one_worker=True,
+    ),
 )
 
 
@@ -87,6 +108,9 @@ class Measurement:
     rss_note: str = ""
     failure: str = ""
     notes: list[str] = field(default_factory=list)
+    accepted: int | None = None  # 250s to DATA, warm-up included (full path)
+    stored: int | None = None  # e-mails the store gained meanwhile (full path)
+    one_worker: Measurement | None = None  # the paired single-process run (workers)
 
     @property
     def server_us_per_msg(self) -> float | None:
@@ -114,10 +138,15 @@ def _spec(scenario: Scenario, auth: tuple[str, str] | None) -> LoadSpec:
     )
 
 
-def _warm_up(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> None:
-    if scenario.warmup:
-        seconds = scenario.warmup / (4 if quick else 1)
-        run_load(target.host, target.port, spec, connections=scenario.connections, seconds=seconds)
+def _warm_up(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> int:
+    """Run the warm-up; the number of messages it got accepted."""
+    if not scenario.warmup:
+        return 0
+    seconds = scenario.warmup / (4 if quick else 1)
+    warm = run_load(
+        target.host, target.port, spec, connections=scenario.connections, seconds=seconds
+    )
+    return warm.messages
 
 
 def _load(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> Result:
@@ -134,15 +163,25 @@ def _load(target: Target, scenario: Scenario, spec: LoadSpec, quick: bool) -> Re
 
 
 def measure(
-    target: Target, scenario: Scenario, *, quick: bool, auth: tuple[str, str] | None = None
+    target: Target,
+    scenario: Scenario,
+    *,
+    quick: bool,
+    auth: tuple[str, str] | None = None,
+    count_stored: Callable[[], int] | None = None,
 ) -> Measurement:
-    """Run ``scenario`` against ``target`` and read the server's CPU and memory around it."""
+    """Run ``scenario`` against ``target`` and read the server's CPU and memory around it.
+
+    ``count_stored`` (the e-mails in the server's store) is read before the warm-up and
+    after the run, to compare what was stored with the 250s the generator received.
+    """
     pid = target.pid
     out = Measurement()
     if scenario.kind == "idle":
         return _idle(target, scenario, out)
     spec = _spec(scenario, auth)
-    _warm_up(target, scenario, spec, quick)
+    stored0 = count_stored() if count_stored else 0
+    warm = _warm_up(target, scenario, spec, quick)
     if scenario.kind == "peak" and pid is not None and not servers.reset_peak_rss(pid):
         out.rss_note = "peak RSS since start (clear_refs not permitted)"
     cpu0 = servers.cpu_seconds(pid) if pid else None
@@ -150,6 +189,9 @@ def measure(
     result = _load(target, scenario, spec, quick)
     busy = servers.machine_busy_seconds() - busy0
     out.result = result
+    if count_stored is not None:
+        out.accepted = warm + result.messages
+        out.stored = count_stored() - stored0
     if pid is not None and cpu0 is not None:
         out.server_cpu_s = servers.cpu_seconds(pid) - cpu0
         out.background_cpu_s = max(0.0, busy - out.server_cpu_s - result.cpu_s)

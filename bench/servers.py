@@ -6,19 +6,25 @@ processes is measured whole.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
 
 REPO = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -26,6 +32,13 @@ _LISTENING = re.compile(r"Listening: submission on (\S+):(\d+) \(none\)")
 _PROBLEM = re.compile(r"Traceback|\b(ERROR|CRITICAL|Exception|Error:)\b")
 
 AUTH_USER = "bench@example.com"
+SQLITE_STORE = "stored-mail.db"  # the full-path SQLite store, in the working directory
+CONNECTION_ENV = "ConnectionStrings__DefaultConnection"
+ADMIN_URL = os.environ.get(
+    "RELATE_SMTP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+Store = Literal["discard", "sqlite", "postgres"]
 _LOG_NUMBERS = itertools.count(1)
 
 
@@ -36,23 +49,47 @@ class ServerError(RuntimeError):
 # --- /proc readings ------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
+def _children_files(pid: int) -> list[int] | None:
+    """Children from ``/proc/<pid>/task/*/children``; None where the kernel lacks it."""
     found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-                found.extend(int(child) for child in text.split())
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        path = Path(f"/proc/{pid}/task/{task}/children")
+        if not path.exists():
+            return None
+        with contextlib.suppress(OSError):
+            found.extend(int(child) for child in path.read_text().split())
     return found
 
 
+def _parents() -> dict[int, list[int]]:
+    """Every process's children, from the ppid field of each ``/proc/<n>/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
+    """``pid`` and all its descendants (worker processes included)."""
+    first = _children_files(pid)
+    by_parent = _parents() if first is None else None
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()
         tree.append(current)
-        todo.extend(_children(current))
+        if by_parent is not None:
+            todo.extend(by_parent.get(current, ()))
+        else:
+            todo.extend((first if current == pid else _children_files(current)) or ())
     return tree
 
 
@@ -214,7 +251,7 @@ def aiosmtpd_sink(workdir: Path, auth: tuple[str, str] | None = None) -> Server:
     return Server(name, argv, workdir, env={"PYTHONPATH": str(REPO)})
 
 
-def _relate_argv(require_auth: bool, workers: int | None, port: int) -> list[str]:
+def _relate_argv(require_auth: bool, workers: int | None, port: int, store: Store) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -224,23 +261,43 @@ def _relate_argv(require_auth: bool, workers: int | None, port: int) -> list[str
         "--Smtp:SecurePort=0",
         "--HealthCheck:Url=http://127.0.0.1:0",
         "--HealthCheck:DnsMxDomain=",
-        "--Storage:DiscardMessages=true",
         f"--Smtp:RequireAuthentication={'true' if require_auth else 'false'}",
         "--Smtp:MaxConnectionsPerIp=0",
         "--Smtp:MaxConnections=100000",
         "--Security:AuthenticationSalt=relate-smtp-bench",
         "--Logging:LogLevel:Default=Warning",
     ]
+    if store == "discard":
+        argv.append("--Storage:DiscardMessages=true")
+    elif store == "sqlite":
+        argv.append(f"--Storage:SqlitePath={SQLITE_STORE}")
     if workers is not None:
         argv += ["--workers", str(workers)]
     return argv
 
 
-def relate_smtp(workdir: Path, *, require_auth: bool = False, workers: int | None = None) -> Server:
-    """relate-smtp with the discard store, in ``workdir`` (its SQLite users and keys)."""
+def relate_smtp(
+    workdir: Path,
+    *,
+    require_auth: bool = False,
+    workers: int | None = None,
+    store: Store = "discard",
+    postgres: PostgresDatabase | None = None,
+) -> Server:
+    """relate-smtp in ``workdir``: the discard store (users and keys in its SQLite file),
+    or the full path into ``SQLITE_STORE`` there or into ``postgres``."""
     port = free_port()
-    name = "relate-smtp-auth" if require_auth else "relate-smtp"
-    return Server(name, _relate_argv(require_auth, workers, port), workdir, port=port)
+    name = "relate-smtp" + ("-auth" if require_auth else "")
+    if store != "discard":
+        name += f"-{store}"
+    if workers is not None:
+        name += f"-w{workers}"
+    env: dict[str, str] = {}
+    if store == "postgres":
+        if postgres is None or not postgres.created:
+            raise ServerError("no PostgreSQL database for the full-path scenarios")
+        env[CONNECTION_ENV] = postgres.url
+    return Server(name, _relate_argv(require_auth, workers, port, store), workdir, env, port)
 
 
 def start_relate(server: Server) -> None:
@@ -301,6 +358,74 @@ def postfix_sink(workdir: Path) -> Server | None:
     # -c counts, -u/-a as root drops privileges; 4096 is the backlog
     argv = [path, "-a", "-u", "nobody", f"127.0.0.1:{port}", "4096"]
     return Server("smtp-sink", argv, workdir, port=port)
+
+
+# --- stores ------------------------------------------------------------------------
+
+
+def sqlite_emails(path: Path) -> int:
+    """Rows in ``Emails`` of an SQLite store (0 before the server has created it)."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        try:
+            return int(db.execute('SELECT count(*) FROM "Emails"').fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise
+
+
+def _on_postgres(url: str, sql: str) -> Any:
+    async def go() -> Any:
+        con = await asyncpg.connect(url, timeout=10)
+        try:
+            return await con.fetchval(sql)
+        finally:
+            await con.close()
+
+    return asyncio.run(go())
+
+
+@dataclass
+class PostgresDatabase:
+    """A temporary database on the shared PostgreSQL server, initialised by ``db init``."""
+
+    admin_url: str = ADMIN_URL
+    name: str = field(default_factory=lambda: f"relate_bench_{secrets.token_hex(6)}")
+    created: bool = False
+
+    @property
+    def url(self) -> str:
+        base, _, _ = self.admin_url.partition("?")
+        return base.rsplit("/", 1)[0] + "/" + self.name
+
+    def create(self, workdir: Path) -> None:
+        """Create the database and its tables (``relate-smtp db init``)."""
+        try:
+            _on_postgres(self.admin_url, f'CREATE DATABASE "{self.name}"')
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ServerError(f"PostgreSQL at {self.admin_url} unavailable: {exc}") from exc
+        self.created = True
+        done = subprocess.run(
+            [sys.executable, "-m", "relate_smtp", "db", "init"],
+            cwd=workdir,
+            env={**os.environ, CONNECTION_ENV: self.url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise ServerError(f"relate-smtp db init: {(done.stderr or done.stdout).strip()}")
+
+    def emails(self) -> int:
+        """Rows in ``Emails``."""
+        return int(_on_postgres(self.url, 'SELECT count(*) FROM "Emails"'))
+
+    def drop(self) -> None:
+        if self.created:
+            _on_postgres(self.admin_url, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            self.created = False
 
 
 def temp_workdir() -> Path:
