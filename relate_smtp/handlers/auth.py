@@ -12,7 +12,6 @@ bounded channel, so a slow database never delays an AUTH reply.
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import logging
 import os
@@ -160,7 +159,7 @@ class ResultCache:
         real user's entry that way needs that user's key, so it cannot be abused.
         """
         message = f"{email.lower()}:{password}".encode("utf-8", "surrogatepass")
-        return hmac.new(self._salt, message, hashlib.sha256).digest()
+        return hmac.digest(self._salt, message, "sha256")
 
     def get(self, key: bytes) -> CachedResult | None:
         """The unexpired result stored under ``key``, if any."""
