@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Set
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
@@ -52,6 +52,7 @@ ADMIN_URL = os.environ.get(
     "RELATE_SMTP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REACH_TIMEOUT = 5.0
+WAIT_TIMEOUT = 10.0
 TABLES = (
     "Users",
     "UserEmailAddresses",
@@ -137,6 +138,54 @@ class TempDatabase:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._on_loop(lambda con: con.fetchval(sql, *args))
+
+    @asynccontextmanager
+    async def locked(self, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
+        """Hold a lock on ``table`` until the context exits, from a connection of its own.
+
+        ``"EmailAttachments"`` in ``EXCLUSIVE`` mode (the default mode) stops a save at its
+        last insert, inside its statement, and blocks nothing else; ``"Users"`` in
+        ``ACCESS EXCLUSIVE`` mode blocks address lookups too.
+        """
+        assert table in TABLES
+        async with self.session() as session:
+            await session.execute("BEGIN")
+            await session.execute(f'LOCK TABLE "{table}" IN {mode} MODE')
+            try:
+                yield
+            finally:
+                await session.execute("ROLLBACK")
+
+    async def sessions_waiting_on_locks(
+        self, count: int, *, besides: Set[int] = frozenset()
+    ) -> set[int]:
+        """The pids of the store's sessions (``params.application_name``) waiting on a
+        lock, once there are ``count`` of them not in ``besides`` (sessions already
+        killed linger a moment in ``pg_stat_activity``). Polls: PostgreSQL cannot tell us.
+        Gives up after WAIT_TIMEOUT seconds.
+        """
+        with trio.fail_after(WAIT_TIMEOUT):
+            while True:
+                rows = await self.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1"
+                    " AND application_name = $2 AND wait_event_type = 'Lock'",
+                    self.name,
+                    self.params.application_name,
+                )
+                pids = {row["pid"] for row in rows} - besides
+                if len(pids) >= count:
+                    return pids
+                await trio.sleep(0.02)
+
+    async def terminate(self, pids: Collection[int]) -> int:
+        """``pg_terminate_backend`` each of ``pids``; returns how many were signalled."""
+        return int(
+            await self.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                " FROM unnest($1::int[]) AS pid",
+                sorted(pids),
+            )
+        )
 
     async def terminate_connections(self, application_name: str) -> int:
         """``pg_terminate_backend`` every session of ``application_name`` on this

@@ -8,16 +8,18 @@ connections.
 
 from __future__ import annotations
 
+import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from relate_smtp.storage import (
     SavedEmail,
@@ -31,12 +33,13 @@ from relate_smtp.storage.connstring import (
     parse_connection_string,
     redacted,
 )
-from relate_smtp.storage.postgres import open_postgres_store
+from relate_smtp.storage.postgres import PostgresStore, open_postgres_store
 from relate_smtp.storage.records import (
     RECIPIENT_BCC,
     RECIPIENT_TO,
     SUBJECT_MAX,
     NewEmail,
+    link_recipients,
 )
 from tests.storage.helpers import attachment, bcc, cc, new_email, to
 from tests.storage.pg_support import (
@@ -454,72 +457,133 @@ async def test_save_clips_and_cleans_rather_than_failing(backend: PostgresTestBa
     assert got.received_at == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 
 
-@pg
-async def test_pool_stats_count_connections_in_use(backend: PostgresTestBackend) -> None:
-    store, db = backend.store, backend.db
-    assert store.pool_stats().maximum == db.params.max_pool_size
-
-    async with trio.open_nursery() as nursery, _tables_locked(db):
-        for _ in range(3):
-            nursery.start_soon(store.save_email, new_email())
-        await _wait_for_blocked_saves(db, 3)
-        assert store.pool_stats().active == 3
-    assert store.pool_stats().active == 0
+# --- group commit ------------------------------------------------------------------------
 
 
-# --- outages -----------------------------------------------------------------------------
+Outcomes = dict[uuid.UUID, SavedEmail | BaseException]
 
 
-@asynccontextmanager
-async def _tables_locked(db: TempDatabase) -> AsyncIterator[None]:
-    """Hold an EXCLUSIVE lock on "EmailAttachments": saves block inside their
-    transaction, at their last insert, until the context exits."""
-    async with db.session() as session:
-        await session.execute("BEGIN")
-        await session.execute('LOCK TABLE "EmailAttachments" IN EXCLUSIVE MODE')
-        try:
-            yield
-        finally:
-            await session.execute("ROLLBACK")
-
-
-async def _wait_for_blocked_saves(db: TempDatabase, count: int) -> None:
-    """Until ``count`` store sessions wait on a lock (polling pg_stat_activity)."""
-    with trio.fail_after(10):
-        while True:
-            waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
-                " AND application_name = $2 AND wait_event_type = 'Lock'",
-                db.name,
-                db.params.application_name,
-            )
-            if waiting >= count:
-                return
-            await trio.sleep(0.02)
-
-
-@pg
-async def test_connections_killed_mid_transaction_roll_back_and_the_store_recovers(
-    backend: PostgresTestBackend,
-) -> None:
-    store, db = backend.store, backend.db
-    user = await store.create_user("u@example.com", display_name=None, aliases=())
-    outcomes: dict[uuid.UUID, SavedEmail | BaseException] = {}
-    emails = [_message_to("u@example.com") for _ in range(4)]
-
+def _saver(store: PostgresStore, outcomes: Outcomes) -> Callable[[NewEmail], Awaitable[None]]:
     async def save(email: NewEmail) -> None:
         try:
             outcomes[email.id] = await store.save_email(email)
         except StoreError as exc:
             outcomes[email.id] = exc
 
-    async with _tables_locked(db), trio.open_nursery() as nursery:
-        for email in emails:
-            nursery.start_soon(save, email)
-        await _wait_for_blocked_saves(db, len(emails))
-        assert await db.terminate_connections(db.params.application_name or "") >= len(emails)
+    return save
 
-    assert all(isinstance(outcomes[e.id], StoreUnavailable) for e in emails)
+
+async def _queue_behind_a_blocked_batch(
+    store: PostgresStore,
+    db: TempDatabase,
+    nursery: trio.Nursery,
+    save: Callable[[NewEmail], Awaitable[None]],
+    first: NewEmail,
+    queued: Sequence[NewEmail],
+) -> None:
+    """Start saving ``first`` and wait until its batch is blocked in the database (the
+    caller holds a lock), then queue ``queued``: they will form the next batch."""
+    nursery.start_soon(save, first)
+    await db.sessions_waiting_on_locks(1)
+    for email in queued:
+        nursery.start_soon(save, email)
+    await trio.testing.wait_all_tasks_blocked()
+    assert store.group_commit_stats().queued == len(queued)
+
+
+@pg
+async def test_concurrent_saves_share_one_connection_and_one_statement(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    alice = await store.create_user("alice@example.com", display_name=None, aliases=())
+    assert store.pool_stats().maximum == db.params.max_pool_size
+    first = _message_to("alice@example.com")
+    emails = [_message_to("alice@example.com", "x@remote.example") for _ in range(20)]
+    outcomes: Outcomes = {}
+    save = _saver(store, outcomes)
+
+    async with trio.open_nursery() as nursery, db.locked("Users", "ACCESS EXCLUSIVE"):
+        for _ in range(3):
+            nursery.start_soon(store.find_user_by_address, "alice@example.com")
+        await _queue_behind_a_blocked_batch(store, db, nursery, save, first, emails)
+        await db.sessions_waiting_on_locks(4)
+        # three lookups, one committer: the 21 saves hold one connection between them
+        assert store.pool_stats().active == 4
+    assert store.pool_stats().active == 0
+
+    stats = store.group_commit_stats()
+    assert (stats.batches, stats.messages, stats.largest_batch) == (2, 21, 20)
+    assert stats.isolated_batches == 0
+    assert all(
+        outcomes[e.id] == SavedEmail(id=e.id, thread_id=None, linked_user_ids=(alice.id,))
+        for e in [first, *emails]
+    )
+    assert await _count(db, "Emails") == 21
+    assert await _count(db, "EmailRecipients") == 1 + 2 * 20
+    assert await _count(db, "EmailAttachments") == 21
+
+
+@pg
+async def test_bad_messages_fail_alone_and_the_rest_of_their_batch_is_stored(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    await store.create_user("alice@example.com", display_name=None, aliases=())
+    first = _message_to("alice@example.com")
+    good = [_message_to("alice@example.com", "x@remote.example") for _ in range(18)]
+    no_file_name = attrs.evolve(
+        _message_to("alice@example.com"),
+        attachments=(attrs.evolve(attachment("x.bin", b"x"), file_name=cast(str, None)),),
+    )
+    earlier = await store.save_email(_message_to("alice@example.com", subject="earlier"))
+    same_id = _message_to("alice@example.com", id=earlier.id, subject="duplicate")
+    batch = [*good[:9], no_file_name, *good[9:], same_id]
+    outcomes: Outcomes = {}
+
+    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+        await _queue_behind_a_blocked_batch(
+            store, db, nursery, _saver(store, outcomes), first, batch
+        )
+
+    stats = store.group_commit_stats()
+    assert (stats.batches, stats.largest_batch, stats.isolated_batches) == (3, 20, 1)
+    for bad in (no_file_name, same_id):
+        assert isinstance(outcomes[bad.id], StoreError)
+        assert not isinstance(outcomes[bad.id], StoreUnavailable)  # retrying won't help
+    assert isinstance(outcomes[first.id], SavedEmail)
+    for email in good:
+        saved = outcomes[email.id]
+        assert isinstance(saved, SavedEmail) and len(saved.linked_user_ids) == 1
+    assert await store.get_email(no_file_name.id) is None
+    kept = await store.get_email(earlier.id)
+    assert kept is not None and kept.subject == "earlier"
+    assert await _count(db, "Emails") == 2 + 18
+    assert await _count(db, "EmailRecipients") == 2 + 2 * 18
+    assert await _count(db, "EmailAttachments") == 2 + 18
+
+
+@pg
+async def test_a_connection_killed_mid_batch_fails_the_whole_batch_and_the_store_recovers(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    user = await store.create_user("u@example.com", display_name=None, aliases=())
+    first = _message_to("u@example.com")
+    emails = [_message_to("u@example.com", "x@remote.example") for _ in range(4)]
+    outcomes: Outcomes = {}
+
+    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+        await _queue_behind_a_blocked_batch(
+            store, db, nursery, _saver(store, outcomes), first, emails
+        )
+        killed = await db.sessions_waiting_on_locks(1)
+        assert await db.terminate(killed) == 1
+        # the queued four go out as the next batch, on a new connection, and block too
+        assert await db.terminate(await db.sessions_waiting_on_locks(1, besides=killed)) == 1
+
+    assert store.group_commit_stats().largest_batch == 4
+    assert all(isinstance(outcomes[e.id], StoreUnavailable) for e in [first, *emails])
     for table in ("Emails", "EmailRecipients", "EmailAttachments"):
         assert await _count(db, table) == 0
 
@@ -527,6 +591,141 @@ async def test_connections_killed_mid_transaction_roll_back_and_the_store_recove
     later = await store.save_email(_message_to("u@example.com"))
     assert later.linked_user_ids == (user.id,)
     await store.ping()
+
+
+@pg
+async def test_a_cancelled_caller_withdraws_its_message_until_it_is_in_a_batch(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    in_flight, withdrawn, kept = (_message_to("x@remote.example") for _ in range(3))
+    outcomes: Outcomes = {}
+    save = _saver(store, outcomes)
+    scopes: list[trio.CancelScope] = []
+
+    async def cancellable(email: NewEmail) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await save(email)
+
+    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+        nursery.start_soon(cancellable, in_flight)
+        await db.sessions_waiting_on_locks(1)
+        nursery.start_soon(cancellable, withdrawn)
+        nursery.start_soon(save, kept)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.group_commit_stats().queued == 2
+        for scope in scopes:
+            scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.group_commit_stats().queued == 1
+
+    assert set(outcomes) == {kept.id}
+    assert await store.get_email(withdrawn.id) is None
+    # its caller gave up, but the batch it was in went ahead
+    assert await store.get_email(in_flight.id) is not None
+    assert await store.get_email(kept.id) is not None
+    assert store.group_commit_stats().messages == 2
+
+
+@pg
+async def test_closing_fails_queued_saves_and_lets_the_batch_in_flight_finish() -> None:
+    outcomes: Outcomes = {}
+    first, *queued = (new_email() for _ in range(4))
+    async with temporary_database("init") as db, open_postgres_store(db.params) as store:
+        async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+            await _queue_behind_a_blocked_batch(
+                store, db, nursery, _saver(store, outcomes), first, queued
+            )
+            nursery.start_soon(store.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            assert all(isinstance(outcomes[e.id], StoreUnavailable) for e in queued)
+            assert first.id not in outcomes
+
+        assert isinstance(outcomes[first.id], SavedEmail)
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await store.save_email(new_email())
+        assert await _count(db, "Emails") == 1
+
+
+@pg
+async def test_linking_in_one_batch_matches_link_recipients(backend: PostgresTestBackend) -> None:
+    """The batch statement applies records.link_recipients in SQL; random messages over
+    primary addresses, aliases (verified or not, one shadowed by another user's primary
+    address), case variants and remote addresses, all stored in one batch, must get
+    exactly the rows link_recipients builds, and the threads of their parents."""
+    store, db = backend.store, backend.db
+    alice = await store.create_user("alice@example.com", display_name=None, aliases=["al@x.org"])
+    bob = await store.create_user("Bob@Example.com", display_name=None, aliases=["b@x.org"])
+    carol = await store.create_user("carol@example.com", display_name=None, aliases=())
+    dave = await store.create_user("dave@example.com", display_name=None, aliases=())
+    await backend.raw.add_alias(dave.id, "Carol@Example.COM", verified=True)  # carol wins
+    await backend.raw.add_alias(bob.id, "pending@x.org", verified=False)
+    owners = {
+        "alice@example.com": alice.id,
+        "al@x.org": alice.id,
+        "bob@example.com": bob.id,
+        "b@x.org": bob.id,
+        "carol@example.com": carol.id,
+        "dave@example.com": dave.id,
+    }
+    addresses = [
+        "alice@example.com",
+        "ALICE@example.com",
+        "al@x.org",
+        "bob@example.com",
+        "B@X.org",
+        "carol@example.com",
+        "CAROL@example.com",
+        "dave@example.com",
+        "pending@x.org",
+        "x@remote.example",
+        "y@remote.example",
+    ]
+    root = await store.save_email(new_email(message_id="root@example.com"))
+    reply = await store.save_email(
+        new_email(message_id="<re@example.com>", in_reply_to="root@example.com")
+    )
+    threads = {
+        None: None,
+        "<root@example.com>": root.id,
+        "re@example.com": root.id,  # stored bracketed, threaded under root
+        "<nobody@example.com>": None,
+    }
+    assert reply.thread_id == root.id
+    rng = random.Random(4)
+    makers = (to, cc, bcc)
+    emails = [
+        new_email(
+            header_recipients=tuple(
+                rng.choice(makers)(rng.choice(addresses), rng.choice([None, "Name"]))
+                for _ in range(rng.randint(0, 4))
+            ),
+            envelope_recipients=tuple(rng.choice(addresses) for _ in range(rng.randint(0, 3))),
+            in_reply_to=rng.choice(list(threads)),
+        )
+        for _ in range(40)
+    ]
+    outcomes: Outcomes = {}
+
+    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+        await _queue_behind_a_blocked_batch(
+            store, db, nursery, _saver(store, outcomes), new_email(), emails
+        )
+
+    assert store.group_commit_stats().largest_batch == len(emails)
+    for email in emails:
+        rows = link_recipients(email.header_recipients, email.envelope_recipients, owners)
+        linked = tuple(dict.fromkeys(r.user_id for r in rows if r.user_id is not None))
+        assert outcomes[email.id] == SavedEmail(
+            id=email.id, thread_id=threads[email.in_reply_to], linked_user_ids=linked
+        )
+        got = await store.get_email(email.id)
+        assert got is not None and got.recipients == rows
+        assert got.thread_id == threads[email.in_reply_to]
+
+
+# --- outages -----------------------------------------------------------------------------
 
 
 @pg
