@@ -178,10 +178,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings, argv: Sequence[str])
 
 
 def _run(command: Callable[[Settings], Awaitable[None]], settings: Settings) -> int:
+    from relate_smtp.runtime.run import find_exception
+
     try:
         trio.run(command, settings)
-    except admin_errors() as exc:
-        print(f"relate-smtp: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        problem = find_exception(exc, admin_errors())
+        if problem is None:
+            raise
+        print(f"relate-smtp: {problem}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

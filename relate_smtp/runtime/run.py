@@ -108,13 +108,11 @@ def run_reporting_startup_errors(main: Callable[[], Awaitable[None]]) -> int:
     """``trio.run(main)``; a start-up problem becomes one message and exit status 2."""
     try:
         trio.run(main)
-    except BaseExceptionGroup as group:
-        startup = _find(group, (StartupError, SchemaMissing))
+    except BaseException as exc:
+        startup = find_exception(exc, (StartupError, SchemaMissing))
         if startup is None:
             raise
         return report_startup_error(startup)
-    except (StartupError, SchemaMissing) as exc:
-        return report_startup_error(exc)
     return 0
 
 
@@ -123,14 +121,16 @@ def report_startup_error(exc: BaseException) -> int:
     return EXIT_STARTUP
 
 
-def _find(
-    group: BaseExceptionGroup[BaseException], types: tuple[type[BaseException], ...]
+def find_exception(
+    exc: BaseException, types: tuple[type[BaseException], ...]
 ) -> BaseException | None:
-    for exc in group.exceptions:
-        if isinstance(exc, types):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _find(exc, types)
+    """``exc`` itself or the first exception of ``types`` inside its (nested) groups:
+    nurseries and the asyncio bridge wrap what a task raised."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_exception(inner, types)
             if found is not None:
                 return found
     return None

@@ -173,3 +173,22 @@ def test_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert "Smtp:Port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_admin_command_with_database_down_fails_cleanly(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    result = run_cli(
+        tmp_path,
+        "users",
+        "add",
+        "alice@example.com",
+        f"--ConnectionStrings:DefaultConnection=Host=127.0.0.1;Port={closed_port};Timeout=2",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("relate-smtp: ")
