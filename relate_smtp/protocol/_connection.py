@@ -254,7 +254,10 @@ class ServerConnection:
             if self._state is State.AUTH:  # any error ends the SASL exchange
                 self._sasl = None
                 self._state = TRANSITIONS[State.AUTH, Command.AUTH_DONE]
-            self._error(rejection.reply)
+            if rejection.counted:
+                self._error(rejection.reply)
+            else:
+                self._out.append(rejection.reply.render())
         return True
 
     def _idle(self) -> Pending | ConnectionClosed:
@@ -456,7 +459,9 @@ class ServerConnection:
         transaction = self._tx()
         event = parse_rcpt(_text(args), smtputf8=transaction.smtputf8)
         if transaction.recipients >= self._config.max_recipients:
-            raise _Reject(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
+            # RFC 5321 §4.5.3.1.10: the client is expected to go on with the recipients
+            # accepted so far, so this is not an error that counts toward 421.
+            raise _Reject(replies.TOO_MANY_RECIPIENTS, counted=False)
         self._decide(event, target)
 
     def _on_data(self, command: Command, args: bytes, target: State | None) -> None:

@@ -72,11 +72,16 @@ class Reply:
 
 
 class _Reject(Exception):
-    """Raised by parsers and checks to answer a command with `reply` instead of an event."""
+    """Raised by parsers and checks to answer a command with `reply` instead of an event.
 
-    def __init__(self, reply: Reply) -> None:
+    ``counted`` is False for refusals that are not the peer's mistake (a recipient over
+    the limit is the protocol working as designed), so they never lead to 421.
+    """
+
+    def __init__(self, reply: Reply, *, counted: bool = True) -> None:
         super().__init__(reply)
         self.reply = reply
+        self.counted = counted
 
 
 def _r(code: int, enhanced: str | None, text: str) -> Reply:

@@ -79,6 +79,16 @@ def test_recipient_count_resets_with_the_transaction() -> None:
     assert lines.count("250 2.1.5 Recipient OK") == 2
 
 
+def test_recipients_over_the_limit_never_close_the_session() -> None:
+    """RFC 5321 §4.5.3.1.10: 452 asks the client to go on with what was accepted."""
+    conn = greeted(max_recipients=2, max_errors=3)
+    rcpts = b"".join(b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(50))
+    _, lines = talk(conn, b"MAIL FROM:<a@b.example>\r\n" + rcpts + b"DATA\r\nx\r\n.\r\n")
+    assert lines.count("452 4.5.3 Too many recipients") == 48
+    assert lines[-2:] == ["354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 OK"]
+    assert not conn.closed
+
+
 def test_too_many_errors_closes_with_421() -> None:
     conn = connect(max_errors=3)
     events, lines = talk(conn, b"BAD\r\n" * 3)
