@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import ssl
 from collections.abc import Callable
 from typing import assert_never
@@ -110,6 +111,7 @@ class Session:
         "_listener",
         "_messages",
         "_outcome",
+        "_plain_fd",
         "_principal",
         "_recipients",
         "_services",
@@ -130,6 +132,8 @@ class Session:
         services: Services,
     ) -> None:
         self._stream: trio.abc.Stream = stream
+        # The descriptor of a plain TCP stream, for replies written without a wait.
+        self._plain_fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._client_ip, self._client_port = client
         self._listener = listener
         self._services = services
@@ -306,6 +310,19 @@ class Session:
         deadline = self._command_deadline = trio.current_time() + self._timeouts.command
         if abs(clock.deadline - deadline) > _DEADLINE_SLACK:
             clock.deadline = deadline
+        if self._plain_fd >= 0:
+            # Replies are small and the socket buffer is almost always free: write them
+            # straight away, skipping the scheduler round trip of an awaited send. Trio
+            # still does any write that would block.
+            try:
+                written = os.write(self._plain_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if written == len(data):
+                return
+            data = data[written:]
         self._waiting = "send"
         await self._stream.send_all(data)
         self._waiting = None
@@ -354,6 +371,7 @@ class Session:
             log.info("TLS handshake with %s timed out", self._client_ip)
             return False
         self._stream = ssl_stream
+        self._plain_fd = -1
         self._tls = True
         metrics.safely(lambda: metrics.tls_sessions.labels(listener=name).inc())
         return True
