@@ -192,3 +192,33 @@ def test_admin_command_with_database_down_fails_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("relate-smtp: ")
+
+
+def test_dev_tls_serves_starttls_and_implicit_tls(tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        secure_port = sock.getsockname()[1]
+    server = ServeProcess(
+        tmp_path, "--dev-tls", f"--Smtp:SecurePort={secure_port}", "--Smtp:ServerName=localhost"
+    )
+    try:
+        server.wait_listening({"submission", "submission-tls"})
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the development certificate is self-signed
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as smtp:
+            smtp.starttls(context=context)
+            assert smtp.ehlo()[0] == 250
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", server.ports["submission-tls"], timeout=10, context=context
+        ) as smtp:
+            assert smtp.ehlo()[0] == 250
+            assert smtp.sock is not None and isinstance(smtp.sock, ssl.SSLSocket)
+        assert server.stop() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    assert "development only" in "".join(server.lines)
