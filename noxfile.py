@@ -42,3 +42,11 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: print figures (throughput, CPU per message, memory)."""
     session.install("-e", ".[test]", "aiosmtpd>=1.4")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Bounded soak (a few minutes): 500 connections of good, hostile and idle clients in
+    two rounds; checks descriptors, tasks, RSS and message accounting, prints figures."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "soak.run", *session.posargs)

@@ -527,6 +527,13 @@ async def _keep_session(con: asyncpg.Connection) -> None:
 # --- the store ---------------------------------------------------------------------------
 
 
+@attrs.define
+class _Sent:
+    """Whether a batch statement left for the server (so it may have committed)."""
+
+    statement: bool = False
+
+
 @attrs.define(eq=False)
 class _PendingSave:
     """One caller's message waiting for the group commit, and then its outcome."""
@@ -713,14 +720,17 @@ class PostgresStore:
     async def _commit(self, batch: Sequence[_PendingSave]) -> None:
         rows = [pending.rows for pending in batch]
         outcomes: Sequence[SavedEmail | Exception]
+        sent = _Sent()
         try:
             outcomes = await self._run(
-                self._with_connection, functools.partial(self._save_batch, batch=rows)
+                self._with_connection, functools.partial(self._save_batch, batch=rows, sent=sent)
             )
         except Exception as exc:
             if not isinstance(exc, StoreError):
                 log.error("group commit failed", exc_info=exc)
             outcomes = [_copy_error(exc) for _ in batch]
+            if sent.statement and isinstance(exc, StoreUnavailable):
+                outcomes = await self._recover_outcomes(batch, outcomes)
         except BaseException:
             # Cancelled: the store is closing. The statement may or may not have
             # committed; a temporary failure makes the senders retry.
@@ -733,13 +743,40 @@ class PostgresStore:
         for pending, outcome in zip(batch, outcomes, strict=True):
             pending.finish(outcome)
 
+    async def _recover_outcomes(
+        self, batch: Sequence[_PendingSave], outcomes: Sequence[SavedEmail | Exception]
+    ) -> Sequence[SavedEmail | Exception]:
+        """After a lost connection, ask again which messages of the batch are stored.
+
+        The statement may have committed with only its answer lost; the e-mails' ids
+        are known, so a message found stored is reported saved (its sender gets 250
+        rather than a 451 that would make it send the message a second time). When the
+        database cannot be asked either, the failures stand.
+        """
+        ids = [pending.email.id for pending in batch]
+        try:
+            found = await self._run(
+                self._with_connection, functools.partial(_find_saved, ids=ids), PING_TIMEOUT
+            )
+        except StoreError:
+            return outcomes
+        if found:
+            log.warning(
+                "connection lost after PostgreSQL stored %d of %d messages; reporting "
+                "those as saved",
+                len(found),
+                len(batch),
+            )
+        return [found.get(i, outcome) for i, outcome in zip(ids, outcomes, strict=True)]
+
     async def _save_batch(
-        self, con: asyncpg.Connection, batch: Sequence[_MessageRows]
+        self, con: asyncpg.Connection, batch: Sequence[_MessageRows], sent: _Sent
     ) -> list[SavedEmail | Exception]:
         """asyncio side: the batch in one statement; when the database refuses it for
         something one message may have caused, each message again on its own, so a bad
         message fails alone. Nothing is stored partially either way: each statement is
         atomic."""
+        sent.statement = True
         try:
             return await _store_batch(con, batch)
         except Exception as exc:
@@ -1102,6 +1139,28 @@ async def _store_batch(
         for row in await con.fetch(_SAVE_BATCH, *_batch_args(batch))
     }
     return [result[rows.email[0]] for rows in batch]
+
+
+_FIND_SAVED = """
+SELECT e."Id" AS id, e."ThreadId" AS thread_id,
+       coalesce(array_agg(DISTINCT r."UserId") FILTER (WHERE r."UserId" IS NOT NULL),
+                '{}'::uuid[]) AS linked
+FROM "Emails" e LEFT JOIN "EmailRecipients" r ON r."EmailId" = e."Id"
+WHERE e."Id" = ANY($1::uuid[])
+GROUP BY e."Id", e."ThreadId"
+"""
+
+
+async def _find_saved(
+    con: asyncpg.Connection, *, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, SavedEmail]:
+    """asyncio side: the messages among ``ids`` that are stored, as saves report them."""
+    return {
+        row["id"]: SavedEmail(
+            id=row["id"], thread_id=row["thread_id"], linked_user_ids=tuple(row["linked"])
+        )
+        for row in await con.fetch(_FIND_SAVED, list(ids))
+    }
 
 
 def _as_store_error(exc: Exception) -> Exception:
