@@ -18,6 +18,7 @@ worker thread (see :data:`PARSE_IN_THREAD_ABOVE`).
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
+
+import attrs
 
 from relate_smtp.handlers._mime import (
     clean,
@@ -55,6 +58,12 @@ from relate_smtp.storage.records import (
     HeaderRecipient,
     NewEmail,
 )
+
+log = logging.getLogger("relate_smtp.message")
+
+# Put before the header block of a message whose body could not be parsed, so that the
+# headers alone parse as a plain, empty entity (the first Content-Type wins in compat32).
+_PLAIN_TEXT_HEAD = b"Content-Type: text/plain\r\n"
 
 __all__ = [
     "PARSE_IN_THREAD_ABOVE",
@@ -128,8 +137,47 @@ def build_email(
 
     Every string is cleaned and truncated to its column (SPEC §8), so the result always
     stores. Raises :class:`AttachmentTooLarge` when one decoded attachment is larger
-    than ``max_attachment_size`` bytes; nothing else about the content raises.
+    than ``max_attachment_size`` bytes; nothing else about the content raises: a body
+    the parser cannot take apart (absurd nesting, say) is stored as its raw text.
     """
+    try:
+        return _build_email(
+            raw,
+            envelope_recipients=envelope_recipients,
+            sent_by_user_id=sent_by_user_id,
+            max_attachment_size=max_attachment_size,
+            received_at=received_at,
+        )
+    except AttachmentTooLarge:
+        raise
+    except Exception as exc:  # content must never turn into a temporary failure (SPEC §5)
+        log.warning("message body could not be parsed (%s); stored as raw text", _kind(exc))
+    head_end = _header_end(raw)
+    head, body = (raw[: head_end[1]], raw[head_end[1] :]) if head_end else (raw, b"")
+    headers_only = _build_email(
+        _PLAIN_TEXT_HEAD + head,
+        envelope_recipients=envelope_recipients,
+        sent_by_user_id=sent_by_user_id,
+        max_attachment_size=max_attachment_size,
+        received_at=received_at,
+    )
+    return attrs.evolve(
+        headers_only, text_body=clean(decode_bytes(body, None)), html_body=None, size_bytes=len(raw)
+    )
+
+
+def _kind(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _build_email(
+    raw: bytes,
+    *,
+    envelope_recipients: Sequence[str],
+    sent_by_user_id: uuid.UUID | None,
+    max_attachment_size: int,
+    received_at: datetime | None,
+) -> NewEmail:
     msg = _parse(raw)
     tree = _Part(msg)
     single: dict[str, str] = {}

@@ -232,6 +232,10 @@ class Session:
                 if not await self._start_tls():
                     return
                 conn.tls_started()
+                # RFC 3207 §4.2: nothing learnt before TLS counts after it.
+                self._principal = None
+                self._user_addresses = None
+                self._reset_transaction()
                 continue
             match event:
                 case Hello():
@@ -397,6 +401,11 @@ class Session:
             conn.reject(AUTH_TEMPORARY_FAILURE)
 
     async def _mail_from(self, conn: ServerConnection, event: MailFrom) -> None:
+        if self._shutting_down:
+            # A transaction pipelined behind the last message must not start now.
+            self._outcome = "shutdown"
+            conn.abort(SHUTTING_DOWN)
+            return
         services = self._services
         addresses: tuple[str, ...] = ()
         if self._principal is not None and services.mailbox_filter.restrict_sender_to_login:

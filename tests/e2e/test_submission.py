@@ -216,3 +216,28 @@ async def test_second_key_for_user(tmp_path: Path, store: SqliteStore) -> None:
                 return smtp.login("alice@example.com", second.key)[0]
 
         assert await in_thread(login) == 235
+
+
+async def test_authentication_is_forgotten_after_starttls(
+    tmp_path: Path, store: SqliteStore, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    """RFC 3207 §4.2: a login made in plain text does not carry over into TLS."""
+    account = await add_account(store, "alice@example.com")
+    settings = make_settings(
+        tmp_path,
+        "Smtp:RequireAuthentication=false",
+        "Smtp:Mx:Enabled=true",
+        "Smtp:Mx:HostedDomains:0=example.com",
+    )
+    async with running_server(settings, store, tls_context=server_tls) as running:
+        port = running.port("submission")
+
+        def talk() -> tuple[int, int]:
+            with client(port) as smtp:
+                smtp.ehlo()
+                auth = smtp.docmd("AUTH", "PLAIN " + plain_token(account.user.email, account.key))
+                smtp.starttls(context=client_tls)
+                smtp.ehlo()
+                return auth[0], smtp.mail("alice@example.com")[0]
+
+        assert await in_thread(talk) == (235, 530)

@@ -752,3 +752,32 @@ def test_never_raises_on_mime_like_bytes(chunks: list[bytes]) -> None:
     for value in (email.subject, email.from_address, email.text_body or "", email.message_id):
         value.encode("utf-8")
         assert "\x00" not in value
+
+
+def test_a_body_too_deeply_nested_to_parse_is_stored_as_raw_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Absurd nesting must not turn into a temporary failure the sender retries forever."""
+    inner = b""
+    depth = 800
+    for i in range(depth):
+        inner += b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+    inner += b"--b%d\r\nContent-Type: text/plain\r\n\r\nhello\r\n" % depth
+    raw = (
+        b"From: Ann <ann@example.com>\r\nTo: bob@example.org\r\nSubject: deep\r\n"
+        b"Content-Type: multipart/mixed; boundary=OUT\r\n\r\n--OUT\r\n"
+        b"Content-Type: message/rfc822\r\nContent-Disposition: attachment\r\n\r\n"
+        b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + inner + b"\r\n--OUT--\r\n"
+    )
+    email = build_email(
+        raw,
+        envelope_recipients=["bob@example.org"],
+        sent_by_user_id=None,
+        max_attachment_size=10**8,
+    )
+    assert email.subject == "deep"
+    assert email.from_address == "ann@example.com"
+    assert email.size_bytes == len(raw)
+    assert email.text_body is not None and "boundary=b799" in email.text_body
+    assert email.attachments == ()
+    assert "stored as raw text" in caplog.text

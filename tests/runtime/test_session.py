@@ -204,3 +204,22 @@ async def test_shutdown_lets_a_message_in_flight_finish(
         assert (await peer.reply()).startswith(b"421 4.3.2")
         assert await peer.closed()
     assert len(await store.list_emails()) == 1
+
+
+async def test_a_transaction_pipelined_behind_the_last_message_does_not_start(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, store: SqliteStore
+) -> None:
+    async with trio.open_nursery() as nursery:
+        peer, session = await start_session(nursery, tmp_path, store)
+        await open_transaction(peer)
+        await peer.send(b"Subject: first\r\n\r\nbody\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        session.request_shutdown()
+        await peer.send(
+            b".\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            b"Subject: second\r\n\r\nbody\r\n.\r\n"
+        )
+        assert (await peer.reply()).startswith(b"250")
+        assert (await peer.reply()).startswith(b"421 4.3.2")
+        assert await peer.closed()
+    assert [email.subject for email in await store.list_emails()] == ["first"]
