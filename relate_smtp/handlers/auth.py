@@ -227,6 +227,8 @@ class LastUsedUpdater:
         self._min_interval = min_interval
         self._clock = clock
         self._recent: dict[uuid.UUID, float] = {}
+        self._running = False
+        self._finished = trio.Event()
         self.skipped = 0
         self._send, self._receive = trio.open_memory_channel[tuple[uuid.UUID, datetime]](capacity)
         self.dropped = 0
@@ -265,11 +267,24 @@ class LastUsedUpdater:
         self._send.close()
 
     async def aclose(self) -> None:
-        """Async spelling of :meth:`close`, for ``async with`` style owners."""
-        self.close()
+        """Close, then wait until :meth:`run` has written what was queued (if it runs).
 
-    async def run(self) -> None:
-        """Drain the queue into the store until :meth:`close` has been called."""
+        Bound the wait with a cancel scope: the store may be slow or down."""
+        self.close()
+        if self._running:
+            await self._finished.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drain the queue into the store until :meth:`close` has been called (start it
+        with ``nursery.start`` so that :meth:`aclose` knows to wait for it)."""
+        self._running = True
+        task_status.started()
+        try:
+            await self._drain()
+        finally:
+            self._finished.set()
+
+    async def _drain(self) -> None:
         async with self._receive:
             async for key_id, used_at in self._receive:
                 batch = {key_id: used_at}

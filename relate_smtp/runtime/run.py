@@ -18,7 +18,7 @@ from relate_smtp.runtime import tls
 from relate_smtp.runtime.listeners import StartupError
 from relate_smtp.runtime.server import Server
 from relate_smtp.storage import AdminStore, SchemaMissing, StoreUnavailable
-from relate_smtp.storage.opening import open_store
+from relate_smtp.storage.opening import StoreOpenError, open_store
 
 log = logging.getLogger("relate_smtp")
 
@@ -109,7 +109,7 @@ def run_reporting_startup_errors(main: Callable[[], Awaitable[None]]) -> int:
     try:
         trio.run(main)
     except BaseException as exc:
-        startup = find_exception(exc, (StartupError, SchemaMissing))
+        startup = find_exception(exc, (StartupError, SchemaMissing, StoreOpenError))
         if startup is None:
             raise
         return report_startup_error(startup)

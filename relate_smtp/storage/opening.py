@@ -7,7 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from relate_smtp.config import Settings
-from relate_smtp.storage import AdminStore
+from relate_smtp.storage import AdminStore, StoreError
+
+
+class StoreOpenError(StoreError):
+    """The configured store cannot be opened at all; the message names the setting."""
 
 
 @asynccontextmanager
@@ -20,7 +24,11 @@ async def open_store(settings: Settings) -> AsyncIterator[AdminStore]:
         return
     from relate_smtp.storage.sqlite import SqliteStore
 
-    store: AdminStore = await SqliteStore.open(settings.storage.sqlite_path)
+    path = settings.storage.sqlite_path
+    try:
+        store: AdminStore = await SqliteStore.open(path)
+    except StoreError as exc:
+        raise StoreOpenError(f"Storage:SqlitePath: cannot open {path!r}: {exc}") from None
     try:
         yield store
     finally:

@@ -147,6 +147,7 @@ def test_serve_logs_listening_lines_and_exits_0_on_sigterm(
         (["--Smtp:Port=abc"], "Smtp:Port"),
         (["--Smtp:Mx:Enabled=true"], "Smtp:Mx:HostedDomains"),
         (["--Smtp:CertificatePath=/nonexistent/cert.pfx"], "Smtp:CertificatePath"),
+        (["--Storage:SqlitePath=/nonexistent/dir/relate.db"], "Storage:SqlitePath"),
     ],
 )
 def test_bad_configuration_exits_2(tmp_path: Path, args: list[str], fragment: str) -> None:

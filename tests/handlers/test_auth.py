@@ -927,3 +927,23 @@ async def test_last_used_store_errors_are_logged_not_raised(
     assert store.touched == [{later: NOW}]
     assert updater.failed_batches == 1
     assert "Could not update LastUsedAt" in caplog.text
+
+
+async def test_aclose_waits_until_queued_updates_are_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class SlowStore(FakeStore):
+        async def touch_api_keys(self, last_used: Mapping[uuid.UUID, datetime]) -> None:
+            await trio.sleep(0.2)
+            await super().touch_api_keys(last_used)
+
+    store = SlowStore()
+    updater = LastUsedUpdater(store, capacity=16, batch_size=1, min_interval=0)
+    keys = [uuid.uuid4() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(updater.run)
+        for key in keys:
+            assert updater.enqueue(key, NOW)
+        await updater.aclose()
+        assert updater.written == 3
+        assert [set(batch) for batch in store.touched] == [{key} for key in keys]
