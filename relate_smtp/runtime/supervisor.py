@@ -70,8 +70,10 @@ def decode_fds(text: str) -> dict[ListenerKind, list[socket.socket]]:
     return result
 
 
-def worker_argv(argv: Sequence[str]) -> list[str]:
-    """The worker's command line: the parent's, without ``--workers``."""
+def worker_argv(argv: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The worker's command line: the parent's without ``--workers`` and ``--dev-tls``
+    (the parent makes the one development certificate all workers serve), plus
+    ``extra`` overrides."""
     result: list[str] = []
     skip = False
     for arg in argv:
@@ -79,9 +81,9 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
             skip = False
         elif arg == "--workers":
             skip = True
-        elif not arg.startswith("--workers="):
+        elif arg != "--dev-tls" and not arg.startswith("--workers="):
             result.append(arg)
-    return [sys.executable, "-m", "relate_smtp", *result]
+    return [sys.executable, "-m", "relate_smtp", *result, *extra]
 
 
 class _Worker:
@@ -102,6 +104,9 @@ class _Worker:
                 pass_fds=self._supervisor.fds,
             )
             log.info("worker %d started (pid %d)", self.index, self.process.pid)
+            if self._supervisor.stopping:
+                # The stop came while the process was being spawned: it missed it.
+                self.process.send_signal(signal.SIGTERM)
             code = await self.process.wait()
             multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
                 self.process.pid, self._supervisor.metrics_dir
@@ -122,7 +127,8 @@ class _Worker:
                 code,
                 backoff,
             )
-            await trio.sleep(backoff)
+            with trio.move_on_after(backoff):
+                await self._supervisor.stopped.wait()
 
     def signal(self, signum: int) -> None:
         process = self.process
@@ -139,23 +145,46 @@ class Supervisor:
         self.settings = settings
         self._certificates = load_certificates(settings, dev_tls=dev_tls)
         self.stopping = False
+        self.stopped = trio.Event()
         self.failed = False
-        self.metrics_dir = tempfile.mkdtemp(prefix="relate-smtp-metrics-")
+        self._plan = plan_listeners(settings, has_certificate=self._certificates is not None)
         self.sockets = self._bind()
         self.fds = [sock.fileno() for socks in self.sockets.values() for sock in socks]
-        self.argv = worker_argv(argv)
+        # Private to this run: the workers' metric files and the development certificate.
+        self.runtime_dir = tempfile.mkdtemp(prefix="relate-smtp-")
+        self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
+        os.mkdir(self.metrics_dir)
+        extra: list[str] = []
+        if dev_tls and self._certificates is not None and not settings.smtp.certificate_path:
+            extra.append(f"--Smtp:CertificatePath={self._write_dev_certificate()}")
+        self.argv = worker_argv(argv, extra)
         self.worker_env = {
             **os.environ,
             LISTEN_FDS_ENV: encode_fds(self.sockets),
             METRICS_DIR_ENV: self.metrics_dir,
         }
         self._workers = [_Worker(self, index) for index in range(workers)]
-        self._all_stopped = trio.Event()
+
+    def _write_dev_certificate(self) -> str:
+        assert self._certificates is not None
+        certificate = self._certificates.certificate
+        path = os.path.join(self.runtime_dir, "dev-certificate.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(certificate.chain_pem + certificate.key_pem)
+        return path
 
     def _bind(self) -> dict[ListenerKind, list[socket.socket]]:
-        plan = plan_listeners(self.settings, has_certificate=self._certificates is not None)
-        self._plan = plan
-        return {listener.kind: [bind_socket(listener.kind, port)] for listener, port in plan}
+        bound: dict[ListenerKind, list[socket.socket]] = {}
+        try:
+            for listener, port in self._plan:
+                bound[listener.kind] = [bind_socket(listener.kind, port)]
+        except StartupError:
+            for socks in bound.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        return bound
 
     def fail(self) -> None:
         self.failed = True
@@ -165,6 +194,7 @@ class Supervisor:
         if not self.stopping:
             lifecycle.info("Shutting down: stopping %d workers", len(self._workers))
         self.stopping = True
+        self.stopped.set()
         for worker in self._workers:
             worker.signal(signum)
 
@@ -214,7 +244,7 @@ class Supervisor:
         for socks in self.sockets.values():
             for sock in socks:
                 sock.close()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 def run_supervisor(

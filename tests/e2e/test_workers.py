@@ -71,3 +71,34 @@ def test_workers_share_listeners_and_metrics_and_restart(tmp_path: Path) -> None
     log = "".join(server.lines)
     assert "Traceback" not in log
     assert len(run_cli(tmp_path, "mail", "list").stdout.splitlines()) == 10
+
+
+def test_workers_serve_one_development_certificate(tmp_path: Path) -> None:
+    import hashlib
+    import socket
+    import ssl
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        secure_port = sock.getsockname()[1]
+    server = ServeProcess(
+        tmp_path, "--workers", "2", "--dev-tls", f"--Smtp:SecurePort={secure_port}"
+    )
+    try:
+        server.wait_listening({"submission-tls", "health"})
+        wait_for_log(server, WORKER_STARTED, 2)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # self-signed development certificate
+        seen = set()
+        for _ in range(8):  # enough connections to reach both workers
+            with smtplib.SMTP_SSL("127.0.0.1", secure_port, timeout=10, context=context) as smtp:
+                assert isinstance(smtp.sock, ssl.SSLSocket)
+                der = smtp.sock.getpeercert(binary_form=True)
+                assert der is not None
+                seen.add(hashlib.sha1(der).hexdigest())
+        assert len(seen) == 1
+        assert server.stop() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
