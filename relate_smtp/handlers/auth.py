@@ -405,6 +405,10 @@ class Authenticator:
         """Look the user and keys up and run bcrypt; None when the store failed."""
         try:
             user = await self._store.find_user_by_address(username)
+            # SPEC §3: the login is the user's primary address (Users.Email); an
+            # additional address delivers mail but does not log in.
+            if user is not None and user.email.lower() != username.lower():
+                user = None
             candidates: Sequence[ApiKey] = ()
             if user is not None:
                 candidates = await self._store.candidate_api_keys(user.id, key_prefix(password))

@@ -108,7 +108,7 @@ def test_users_keys_and_mail_commands(tmp_path: Path, serve: type[ServeProcess])
     server = serve()
     server.wait_listening({"submission", "health"} - {"health"})
     with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as smtp:
-        smtp.login("al@example.com", key)
+        smtp.login("alice@example.com", key)
         smtp.sendmail(
             "alice@example.com",
             ["bob@example.org"],

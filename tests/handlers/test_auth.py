@@ -526,10 +526,14 @@ async def test_login_is_case_insensitive_and_reported_lower_cased() -> None:
     result = await h.auth.authenticate("ALICE@example.COM", h.raw, IP)
     assert result.outcome is AuthOutcome.SUCCESS
     assert result.address == "alice@example.com"
+
+
+async def test_an_additional_address_does_not_log_in() -> None:
+    """SPEC §3 matches the login on Users.Email only; a verified alias receives mail."""
+    h = Harness()
     alias = await h.auth.authenticate("Alias@Example.org", h.raw, OTHER_IP)
-    assert alias.outcome is AuthOutcome.SUCCESS
-    assert alias.address == "alias@example.org"
-    assert alias.user_id == h.alice.id
+    assert alias.outcome is AuthOutcome.FAILED
+    assert h.store.calls["candidate_api_keys"] == 0
 
 
 async def test_success_with_a_legacy_key_without_prefix() -> None:
