@@ -14,6 +14,16 @@ from relate_smtp.storage import AdminStore, StoredEmail
 from relate_smtp.storage.opening import open_store
 
 
+# Sender-controlled text must not drive the operator's terminal (escape sequences).
+_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def _safe(text: str, *, multiline: bool = False) -> str:
+    """``text`` without control characters; line breaks kept only when ``multiline``."""
+    cleaned = text.replace("\r\n", "\n").translate(_CONTROL)
+    return cleaned if multiline else cleaned.replace("\n", " ")
+
+
 class AdminError(Exception):
     """A command could not be carried out; the message says why."""
 
@@ -81,7 +91,7 @@ async def mail_list(settings: Settings, limit: int) -> None:
     for email in emails:
         print(
             f"{email.id}  {email.received_at:%Y-%m-%d %H:%M:%S}  "
-            f"{email.from_address:<30.30}  {email.subject:.60}"
+            f"{_safe(email.from_address):<30.30}  {_safe(email.subject):.60}"
         )
 
 
@@ -90,7 +100,7 @@ async def mail_show(settings: Settings, email_id: uuid.UUID) -> None:
         email = await store.get_email(email_id)
     if email is None:
         raise AdminError(f"no message with id {email_id}")
-    print(_render(email))
+    print(_safe(_render(email), multiline=True))
 
 
 def _render(email: StoredEmail) -> str:
