@@ -13,7 +13,6 @@ from relate_smtp.handlers.apikeys import generate_api_key, hash_api_key, key_pre
 from relate_smtp.storage import AdminStore, StoredEmail
 from relate_smtp.storage.opening import open_store
 
-
 # Sender-controlled text must not drive the operator's terminal (escape sequences).
 _CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
 
