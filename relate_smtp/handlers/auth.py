@@ -388,6 +388,9 @@ class Authenticator:
             if inflight.result is None:
                 return AuthResult(outcome=AuthOutcome.TEMPORARY)
             return self._conclude(username, client_ip, inflight.result, cache_key=None)
+        if not self.rate_limiter.reserve(client_ip):
+            self.stats.blocked += 1
+            return AuthResult(outcome=AuthOutcome.BLOCKED)
         inflight = _InFlight()
         self._inflight[cache_key] = inflight
         try:
@@ -395,6 +398,7 @@ class Authenticator:
         finally:
             del self._inflight[cache_key]
             inflight.done.set()
+            self.rate_limiter.release(client_ip)
         if inflight.result is None:
             return AuthResult(outcome=AuthOutcome.TEMPORARY)
         return self._conclude(username, client_ip, inflight.result, cache_key=cache_key)

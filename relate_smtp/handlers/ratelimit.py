@@ -68,6 +68,8 @@ class RateLimiter:
         # Ordered by last failure, oldest first: the eviction order under pressure, and
         # close enough to expiry order for the cheap sweep in _sweep.
         self._entries: OrderedDict[str, _Failures] = OrderedDict()
+        # Verifications under way per IP (bounded by the connections that exist).
+        self._pending: dict[str, int] = {}
 
     def __len__(self) -> int:
         """How many IPs are currently tracked."""
@@ -95,6 +97,28 @@ class RateLimiter:
         if self._locked_out(entry, now):
             until = max(until, entry.window_start + self._window)
         return until - now if until > now else None
+
+    def reserve(self, ip: str) -> bool:
+        """Claim a verification slot for ``ip``; False when the failures it has plus the
+        verifications it already has under way could reach the lockout. Without this,
+        attempts sent in parallel would all pass :meth:`retry_after` before the first
+        failure is recorded. Pair every True with :meth:`release`."""
+        pending = self._pending.get(ip, 0)
+        if self._max_failures > 0:
+            entry = self._entries.get(ip)
+            failures = entry.count if entry is not None else 0
+            if failures + pending >= self._max_failures:
+                return False
+        self._pending[ip] = pending + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        """End a verification claimed with :meth:`reserve`."""
+        pending = self._pending.get(ip, 0) - 1
+        if pending > 0:
+            self._pending[ip] = pending
+        else:
+            self._pending.pop(ip, None)
 
     def record_failure(self, ip: str) -> None:
         """Count a failed attempt (a wrong key or unknown user, not a blocked attempt)."""

@@ -951,3 +951,18 @@ async def test_aclose_waits_until_queued_updates_are_written(
         await updater.aclose()
         assert updater.written == 3
         assert [set(batch) for batch in store.touched] == [{key} for key in keys]
+
+
+async def test_parallel_attempts_from_one_ip_cannot_outrun_the_lockout() -> None:
+    h = Harness(security(max_failed_attempts=5))
+    outcomes: list[AuthOutcome] = []
+
+    async def attempt(n: int) -> None:
+        outcomes.append(await h.login(password=f"wrong-{n}"))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(50):
+            nursery.start_soon(attempt, n)
+    assert outcomes.count(AuthOutcome.FAILED) == 5
+    assert outcomes.count(AuthOutcome.BLOCKED) == 45
+    assert h.verify.calls <= 5
