@@ -14,7 +14,7 @@ from typing import Protocol
 
 import trio
 
-from relate_smtp.handlers.message import PARSE_IN_THREAD_ABOVE, AttachmentTooLarge, build_email
+from relate_smtp.handlers.message import AttachmentTooLarge, build_email, looks_large
 from relate_smtp.protocol import ATTACHMENT_TOO_BIG, LOCAL_ERROR, Reply, message_accepted
 from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.storage import NewEmail, SavedEmail, Store, StoreUnavailable
@@ -92,6 +92,6 @@ class MessageDelivery:
                 max_attachment_size=self._max_attachment_size,
             )
 
-        if len(raw) > PARSE_IN_THREAD_ABOVE:
+        if looks_large(len(raw)):
             return await trio.to_thread.run_sync(build, limiter=self._parse_limiter)
         return build()

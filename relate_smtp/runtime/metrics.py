@@ -7,8 +7,7 @@ SMTP session (the original wrapped its counters in try/catch for the same reason
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -73,11 +72,3 @@ class Metrics:
 
     def reject(self, reason: str) -> None:
         self.safely(lambda: self.rejections.labels(reason=reason).inc())
-
-    @contextmanager
-    def connection(self) -> Iterator[None]:
-        self.safely(self.active_connections.inc)
-        try:
-            yield
-        finally:
-            self.safely(self.active_connections.dec)

@@ -27,20 +27,15 @@ EXIT_STARTUP = 2
 
 def load_certificates(settings: Settings, *, dev_tls: bool) -> tls.CertificateStore | None:
     """The certificate holder for these settings; errors name the key at fault."""
-    smtp = settings.smtp
-    if smtp.certificate_path:
-        try:
-            return tls.CertificateStore.from_files(
-                smtp.certificate_path,
-                password=smtp.certificate_password,
-                key_path=smtp.certificate_key_path,
-            )
-        except tls.CertificateError as exc:
-            raise StartupError("Smtp:CertificatePath", str(exc)) from None
-    if dev_tls:
+    try:
+        configured = tls.CertificateStore.from_settings(settings.smtp)
+    except tls.CertificateError as exc:
+        raise StartupError("Smtp:CertificatePath", str(exc)) from None
+    if configured is None and dev_tls:
         log.warning("--dev-tls: using an ephemeral self-signed certificate (development only)")
-        return tls.CertificateStore.from_loaded(tls.generate_dev_certificate(smtp.server_name))
-    return None
+        dev = tls.generate_dev_certificate(settings.smtp.server_name)
+        return tls.CertificateStore.from_loaded(dev)
+    return configured
 
 
 async def check_store(store: AdminStore) -> None:

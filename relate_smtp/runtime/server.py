@@ -369,6 +369,11 @@ def log_start(settings: Settings, *, workers: int = 1) -> None:
             smtp.mx.port,
             ", ".join(smtp.mx.hosted_domains),
         )
+    if smtp.require_authentication and not smtp.allow_insecure_auth and not smtp.certificate_path:
+        log.warning(
+            "Smtp:AllowInsecureAuth is false and no certificate is configured: AUTH is "
+            "never offered, so the submission listener cannot accept mail"
+        )
     if not smtp.require_authentication and not smtp.mx.enabled:
         log.warning(
             "Smtp:RequireAuthentication is false: the submission listener accepts "
