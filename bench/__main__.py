@@ -36,6 +36,7 @@ class Variant:
     auth: bool = False
     store: servers.Store = "discard"
     workers: int | None = None
+    idle: bool = False  # the idle-connections scenario
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Contender:
 
     def variant(self, scenario: Scenario, *, one_worker: bool = False) -> Variant:
         if not self.configurable:
-            return Variant(scenario.auth)
+            return Variant(scenario.auth, idle=scenario.kind == "idle")
         workers = None if one_worker else (scenario.workers or self.workers)
         return Variant(scenario.auth, scenario.store, workers)
 
@@ -190,7 +191,12 @@ def _contenders(
             )
         elif name == "smtp-sink" and servers.smtp_sink_path():
             found.append(
-                Contender(name, lambda v: None if v.auth else servers.postfix_sink(workdir))
+                # No AUTH in smtp-sink; and its process runs out of descriptors long
+                # before 2,000 idle sessions, which would then wait forever to be greeted.
+                Contender(
+                    name,
+                    lambda v: None if v.auth or v.idle else servers.postfix_sink(workdir),
+                )
             )
     if args.external:
         host, _, port = args.external.rpartition(":")
