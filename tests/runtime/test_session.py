@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from relate_smtp.runtime.server import Server
 from relate_smtp.runtime.session import Session
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.e2e.harness import make_settings
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = await SqliteStore.open(str(tmp_path / "relate.db"))
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 class Peer:

@@ -1,3 +1,5 @@
+"""Fixtures shared across the suite: the embedded store of a test server and TLS material."""
+
 from __future__ import annotations
 
 import ssl
@@ -11,8 +13,14 @@ from relate_smtp.storage.sqlite import SqliteStore
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = await SqliteStore.open(str(tmp_path / "relate.db"))
+def db_path(tmp_path: Path) -> Path:
+    """Where ``tests.e2e.harness.make_settings`` puts the embedded store."""
+    return tmp_path / "relate.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(str(db_path))
     try:
         yield opened
     finally:
