@@ -6,10 +6,10 @@ exempt networks (its $mynetworks), so local tooling and health probes are never 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 
 from relate_smtp.config import IPNetwork
+from relate_smtp.runtime.addresses import in_networks
 
 
 class ConnectionLimiter:
@@ -28,20 +28,11 @@ class ConnectionLimiter:
     def total(self) -> int:
         return self._total
 
-    def _is_exempt(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._exempt)
-
     def try_acquire(self, ip: str) -> bool:
         if self._max_total > 0 and self._total >= self._max_total:
             return False
         count = self._per_ip.get(ip, 0)
-        if self._max_per_ip > 0 and count >= self._max_per_ip and not self._is_exempt(ip):
+        if self._max_per_ip > 0 and count >= self._max_per_ip and not in_networks(ip, self._exempt):
             return False
         self._total += 1
         self._per_ip[ip] = count + 1

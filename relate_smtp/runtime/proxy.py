@@ -21,6 +21,9 @@ from typing import Final, Literal
 import attrs
 import trio
 
+from relate_smtp.config import IPNetwork
+from relate_smtp.runtime.addresses import in_networks, unmapped
+
 __all__ = [
     "LOCAL_V2_HEADER",
     "MAX_V1_LENGTH",
@@ -34,7 +37,6 @@ __all__ = [
     "read_proxy_header",
 ]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 V1_PREFIX: Final = b"PROXY "
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -134,7 +136,7 @@ def _parse_v1(buf: bytes) -> ProxyHeader | None:
         raise ProxyProtocolError(f"bad {family} address in PROXY v1 header: {line!r}") from None
     port = _v1_port(source_port, line)
     _v1_port(destination_port, line)
-    return ProxyHeader(version=1, client=(_canonical(client_ip), port), consumed=consumed)
+    return ProxyHeader(version=1, client=(str(unmapped(client_ip)), port), consumed=consumed)
 
 
 def _v1_port(text: str, line: str) -> int:
@@ -177,13 +179,7 @@ def _parse_v2(buf: bytes) -> ProxyHeader | None:
     # Whatever follows the addresses is TLVs (§2.2.7); nothing here needs them.
     source, _, source_port, _ = block.unpack_from(buf, _V2_FIXED)
     client_ip = ipaddress.ip_address(source)
-    return ProxyHeader(version=2, client=(_canonical(client_ip), source_port), consumed=consumed)
-
-
-def _canonical(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return ProxyHeader(version=2, client=(str(unmapped(client_ip)), source_port), consumed=consumed)
 
 
 async def read_proxy_header(
@@ -218,15 +214,4 @@ def is_trusted(peer_ip: str, networks: Iterable[IPNetwork]) -> bool:
     An IPv4-mapped IPv6 peer (``::ffff:10.0.0.1``, seen on dual-stack sockets) matches
     IPv4 networks as its IPv4 address. An unparsable address is never trusted.
     """
-    try:
-        address = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        candidates.append(address.ipv4_mapped)
-    return any(
-        candidate.version == network.version and candidate in network
-        for network in networks
-        for candidate in candidates
-    )
+    return in_networks(peer_ip, networks)

@@ -27,6 +27,7 @@ from relate_smtp.handlers.notify import Notifier
 from relate_smtp.handlers.policy import ListenerKind, MailboxFilter
 from relate_smtp.protocol import TOO_MANY_CONNECTIONS
 from relate_smtp.runtime import checks
+from relate_smtp.runtime.addresses import plain_address
 from relate_smtp.runtime.health import HealthBindError, HealthServer
 from relate_smtp.runtime.limits import ConnectionLimiter
 from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listeners
@@ -340,14 +341,6 @@ async def start_health_server(
     except HealthBindError as exc:
         raise StartupError("HealthCheck:Url", str(exc)) from None
     return BoundListener(name="health", host=host, port=port, tls="none")
-
-
-def plain_address(ip: str) -> str:
-    """An IPv4 client reached through a dual-stack socket, in its IPv4 spelling, so that
-    limits, logs and the rate limiter see one form."""
-    if ip.startswith("::ffff:") and "." in ip:
-        return ip[7:]
-    return ip
 
 
 def log_start(settings: Settings, *, workers: int = 1) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
 
@@ -36,6 +35,7 @@ from tests.e2e.harness import (
     make_settings,
     running_server,
 )
+from tests.robustness.support import Progress
 from tests.storage.pg_support import TempDatabase, postgres_available, temporary_database
 
 # Needs the PostgreSQL test server: skipped without it, a failure when CI=true.
@@ -78,26 +78,6 @@ def send(smtp: smtplib.SMTP, message_id: str) -> int:
     if refused:  # some RCPT refused: count the transaction as failed
         return min(code for code, _ in refused.values())
     return ACCEPTED
-
-
-@attrs.define
-class Progress:
-    """Messages answered so far, counted in the Trio thread; waitable by threshold."""
-
-    answered: int = 0
-    _waiting: list[tuple[int, trio.Event]] = attrs.field(factory=list)
-
-    def record(self) -> None:
-        self.answered += 1
-        for threshold, event in self._waiting:
-            if self.answered >= threshold:
-                event.set()
-
-    async def reached(self, threshold: int) -> None:
-        if self.answered < threshold:
-            event = trio.Event()
-            self._waiting.append((threshold, event))
-            await event.wait()
 
 
 def sender_thread(
