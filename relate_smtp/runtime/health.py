@@ -4,12 +4,20 @@
 probes, load balancers and dashboards keep working; ``GET /metrics`` is Prometheus'
 text exposition of the server's registry. The endpoint is unauthenticated and faces
 whatever network the operator exposes it to, so every connection is bounded: request
-head and body sizes, a deadline per request, and a cap on concurrent connections. A
-slow or broken client costs one task and never delays another.
+head and body sizes, a deadline for a request's first byte and one for all of it, and caps
+on concurrent connections per client address and overall. A slow or broken client costs
+one task and never delays another.
+
+The caps evict rather than refuse. A liveness probe that is refused restarts the pod, so
+a newcomer over a cap displaces the oldest connection still waiting for its request (an
+idle socket, a trickler, a kept-alive scraper between scrapes), never a probe's; only when
+every connection is busy answering does the oldest of those go. A hundred sockets that
+never send a byte therefore cost a real probe nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +30,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from relate_smtp.runtime.addresses import plain_address
 from relate_smtp.runtime.checks import HealthCheck, HealthReport, run_checks
 
 __all__ = ["HealthBindError", "HealthServer", "render_report"]
@@ -32,7 +41,19 @@ log = logging.getLogger("relate_smtp.health")
 MAX_REQUEST_HEAD: Final = 16 * 1024
 # Neither route takes a body; one is read (to keep the connection usable) up to this.
 MAX_REQUEST_BODY: Final = 64 * 1024
-DEFAULT_MAX_CONNECTIONS: Final = 100
+# A probe writes its request as soon as it has connected, so anything beyond a round trip
+# is a socket holding a slot for nothing; gunicorn closes idle keep-alives after 2 s too.
+FIRST_BYTE_TIMEOUT: Final = 2.0
+# A whole request, head and body, from the moment it is awaited: a probe's is a few
+# hundred bytes, so this only bounds a trickler, who is evictable meanwhile anyway.
+REQUEST_TIMEOUT: Final = 10.0
+# A kubelet probes from its node's address: liveness, readiness and startup probes and a
+# scraper may overlap, a handful at most. Eight leaves headroom, and one address can then
+# take no more than an eighth of the endpoint.
+MAX_CONNECTIONS_PER_CLIENT: Final = 8
+# Every probe and scraper of a cluster at once, with room to spare; a connection costs a
+# task and a socket, so 64 stay cheap. Reaching it evicts, so it never refuses a probe.
+MAX_CONNECTIONS: Final = 64
 _RECEIVE_SIZE: Final = 8192
 # How long a closing connection waits for the client to read our last response and
 # close its side, so that unread input does not turn our close into a reset.
@@ -57,6 +78,95 @@ class HealthBindError(OSError):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _ReadTimeout(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One admitted connection. ``idle_since`` orders those waiting for a request (None
+    while one is answered); cancelling ``scope`` evicts the connection."""
+
+    client: str
+    opened: int
+    idle_since: int | None
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+
+@attrs.frozen
+class _Eviction:
+    slot: _Slot
+    reason: str
+
+
+class _ConnectionTable:
+    """Who holds the endpoint's connections, and whom a newcomer displaces.
+
+    No I/O and no clock: the order of events is the only time it knows, so the choice of
+    victim is exact and testable. The server cancels the victim's scope.
+    """
+
+    def __init__(self, *, max_total: int, max_per_client: int) -> None:
+        if max_total < 1 or max_per_client < 1:
+            raise ValueError("connection caps must be at least 1")
+        self._max_total = max_total
+        self._max_per_client = max_per_client
+        self._slots: set[_Slot] = set()
+        self._by_client: dict[str, set[_Slot]] = {}
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def admit(self, client: str) -> tuple[_Slot, _Eviction | None]:
+        """A slot for a new connection from ``client`` (idle until it has a request), and
+        the connection it displaces, already released, if a cap was reached."""
+        eviction: _Eviction | None = None
+        mine = self._by_client.get(client, set())
+        if len(mine) >= self._max_per_client:
+            eviction = _Eviction(_victim(mine), "too many connections from one client")
+        elif len(self._slots) >= self._max_total:
+            eviction = _Eviction(_victim(self._slots), "too many connections")
+        if eviction is not None:
+            self.release(eviction.slot)
+        tick = next(self._order)
+        slot = _Slot(client=client, opened=tick, idle_since=tick)
+        self._slots.add(slot)
+        self._by_client.setdefault(client, set()).add(slot)
+        return slot, eviction
+
+    def idle(self, slot: _Slot) -> None:
+        """``slot`` now waits for a request (or lingers): first in line for eviction."""
+        slot.idle_since = next(self._order)
+
+    def busy(self, slot: _Slot) -> None:
+        """``slot`` has a whole request and is being answered."""
+        slot.idle_since = None
+
+    def release(self, slot: _Slot) -> None:
+        """Forget ``slot``; releasing it twice (evicted, then closed) is harmless."""
+        self._slots.discard(slot)
+        mine = self._by_client.get(slot.client)
+        if mine is not None:
+            mine.discard(slot)
+            if not mine:
+                del self._by_client[slot.client]
+
+
+def _victim(slots: set[_Slot]) -> _Slot:
+    """The first of ``slots`` in eviction order (a cap holds a few dozen: a scan is cheap)."""
+    return min(slots, key=_eviction_order)
+
+
+def _eviction_order(slot: _Slot) -> tuple[bool, int]:
+    """Idle connections first, the longest idle first; then busy ones, the oldest first."""
+    if slot.idle_since is not None:
+        return (False, slot.idle_since)
+    return (True, slot.opened)
 
 
 @attrs.frozen
@@ -103,16 +213,20 @@ class HealthServer:
         checks: Sequence[HealthCheck],
         registry: CollectorRegistry,
         *,
-        request_timeout: float = 10.0,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     ) -> None:
         self._host = host
         self._port = port
         self._checks = tuple(checks)
         self._registry = registry
+        self._first_byte_timeout = min(first_byte_timeout, request_timeout)
         self._request_timeout = request_timeout
-        self._max_connections = max_connections
-        self._active = 0
+        self._table = _ConnectionTable(
+            max_total=max_connections, max_per_client=max_connections_per_client
+        )
         self._routes: dict[bytes, Callable[[], Awaitable[_Response]]] = {
             b"/healthz": self._healthz,
             b"/metrics": self._metrics,
@@ -142,78 +256,122 @@ class HealthServer:
             await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
             task_status.started((self._host, port))
 
-    async def handle_connection(self, stream: trio.abc.HalfCloseableStream) -> None:
-        """Serve HTTP/1.1 requests on one connection until it closes or misbehaves."""
-        if self._active >= self._max_connections:
+    async def handle_connection(
+        self, stream: trio.abc.HalfCloseableStream, *, client: str | None = None
+    ) -> None:
+        """Serve HTTP/1.1 requests on one connection until it closes, misbehaves or is
+        evicted. ``client`` is the peer's address, read from the socket when not given."""
+        if client is None:
+            client = _peer_address(stream)
+        if client is None:
             await trio.aclose_forcefully(stream)
             return
-        self._active += 1
+        slot, eviction = self._table.admit(client)
+        if eviction is not None:
+            victim = eviction.slot
+            log.debug("health connection from %s evicted: %s", victim.client, eviction.reason)
+            victim.scope.cancel()
         try:
-            await self._serve(stream)
+            with slot.scope:
+                await self._serve(stream, slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             # The one place a bug in a request is caught: it ends this connection only.
             log.exception("health endpoint request failed")
         finally:
-            self._active -= 1
+            self._table.release(slot)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _serve(self, stream: trio.abc.HalfCloseableStream, slot: _Slot) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         while True:
-            request: h11.Request | None = None
-            error: _Response | None = None
-            # One deadline for the idle wait and the whole request: a client that
-            # connects and stalls, or trickles bytes, is dropped when it passes.
-            with trio.move_on_after(self._request_timeout):
-                try:
-                    request = await self._read_request(conn, stream)
-                except h11.RemoteProtocolError as exc:
-                    error = _plain(exc.error_status_hint)
-                except _BodyTooLarge:
-                    error = _plain(413)
-            if error is not None:
-                with trio.move_on_after(self._request_timeout):
-                    await self._send_response(conn, stream, error, head=False, close=True)
-                    await self._linger(stream)
+            self._table.idle(slot)
+            try:
+                request = await self._read_request(conn, stream)
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(conn, stream, slot, _plain(exc.error_status_hint))
+                return
+            except _BodyTooLarge:
+                await self._refuse(conn, stream, slot, _plain(413))
+                return
+            except _ReadTimeout as exc:
+                log.debug("health connection from %s closed: %s", slot.client, exc.reason)
                 return
             if request is None:
-                return  # closed by the client, or timed out
+                return  # closed by the client
+            self._table.busy(slot)
             with trio.move_on_after(self._request_timeout) as responding:
                 response = await self._route(request)
                 head = request.method == b"HEAD"
                 await self._send_response(conn, stream, response, head=head, close=False)
             if responding.cancelled_caught:
+                log.debug(
+                    "health connection from %s closed: no response within %g s",
+                    slot.client,
+                    self._request_timeout,
+                )
                 return
             if conn.our_state is h11.MUST_CLOSE:
+                self._table.idle(slot)
                 await self._linger(stream)
                 return
             conn.start_next_cycle()
 
+    async def _refuse(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.HalfCloseableStream,
+        slot: _Slot,
+        response: _Response,
+    ) -> None:
+        """Answer a bad request with ``response`` and close."""
+        self._table.busy(slot)
+        with trio.move_on_after(self._request_timeout):
+            await self._send_response(conn, stream, response, head=False, close=True)
+            self._table.idle(slot)
+            await self._linger(stream)
+
     async def _read_request(
         self, conn: h11.Connection, stream: trio.abc.HalfCloseableStream
     ) -> h11.Request | None:
-        """The next request, its body read and discarded; None if the client closed."""
-        request: h11.Request | None = None
-        body = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    interim = h11.InformationalResponse(status_code=100, headers=[])
-                    await _send(conn, stream, interim)
-                conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += len(event.data)
-                if body > MAX_REQUEST_BODY:
-                    raise _BodyTooLarge
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+        """The next request, its body read and discarded; None if the client closed.
+
+        Raises :class:`_ReadTimeout` when no byte of it comes within the first-byte
+        timeout (a kept-alive connection between requests is held to it too), or all of
+        it within the request timeout. Bytes pipelined behind the last request count as
+        its first.
+        """
+        started = trio.current_time()
+        begun = bool(conn.trailing_data[0])
+        timeout = self._request_timeout if begun else self._first_byte_timeout
+        with trio.CancelScope(deadline=started + timeout) as deadline:
+            request: h11.Request | None = None
+            body = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if conn.they_are_waiting_for_100_continue:
+                        interim = h11.InformationalResponse(status_code=100, headers=[])
+                        await _send(conn, stream, interim)
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    if data and not begun:
+                        begun = True
+                        deadline.deadline = started + self._request_timeout
+                    conn.receive_data(bytes(data))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > MAX_REQUEST_BODY:
+                        raise _BodyTooLarge
+                elif isinstance(event, h11.EndOfMessage):
+                    return request
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+        if begun:
+            raise _ReadTimeout(f"request incomplete after {self._request_timeout:g} s")
+        raise _ReadTimeout(f"no request within {self._first_byte_timeout:g} s")
 
     async def _route(self, request: h11.Request) -> _Response:
         path = request.target.partition(b"?")[0]
@@ -276,6 +434,18 @@ class HealthServer:
                 if not chunk:
                     return
                 received += len(chunk)
+
+
+def _peer_address(stream: trio.abc.Stream) -> str | None:
+    """The client's address in its one spelling; "" for a stream that is not a socket,
+    None for a socket whose peer has already gone."""
+    if not isinstance(stream, trio.SocketStream):
+        return ""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return None
+    return plain_address(str(peer[0]))
 
 
 def _plain(status: int, *, headers: tuple[tuple[str, str], ...] = ()) -> _Response:

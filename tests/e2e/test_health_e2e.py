@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import sys
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trio
 
+from relate_smtp.runtime.health import FIRST_BYTE_TIMEOUT
 from relate_smtp.runtime.tls import CertificateStore
 from relate_smtp.storage.postgres import open_postgres_store
 from relate_smtp.storage.sqlite import SqliteStore
@@ -45,6 +49,13 @@ CHECK_TAGS = {
 }
 # A reserved name (RFC 2606): the lookup fails or finds nothing, offline or not.
 NO_MX_DOMAIN = "relate-smtp-test.invalid"
+IDLE_SOCKETS = 100
+PROBES = 10
+# Shorter than the health endpoint's first-byte timeout: a probe must be answered while
+# the idle sockets are still open, not once they have timed out.
+PROBE_DEADLINE = FIRST_BYTE_TIMEOUT * 0.75
+# Every idle socket is closed by the first-byte timeout at the latest; the rest is slack.
+IDLE_CLOSED_DEADLINE = FIRST_BYTE_TIMEOUT + 8
 
 
 def message(subject: str = "Hello") -> bytes:
@@ -287,3 +298,60 @@ async def test_one_summary_line_per_session(
     other = next(line for line in summaries if line not in mine)
     assert "user=- messages=0 bytes=0" in other
     assert account.key not in caplog.text
+
+
+async def probes_answered(port: int) -> int:
+    """How many of ``PROBES`` fresh-connection probes got a 200 within the deadline."""
+    answered = 0
+    for _ in range(PROBES):
+        with trio.move_on_after(PROBE_DEADLINE):
+            try:
+                async with httpx.AsyncClient(timeout=None) as http:
+                    response = await http.get(f"http://127.0.0.1:{port}/healthz")
+            except httpx.TransportError:
+                continue
+            answered += response.status_code == 200
+    return answered
+
+
+async def wait_closed_by_server(stream: trio.SocketStream) -> None:
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass  # reset rather than FIN: closed all the same
+
+
+@pytest.mark.parametrize(
+    "spread",
+    [
+        pytest.param(False, id="one-client"),
+        pytest.param(
+            True,
+            id="many-clients",
+            # Only Linux routes all of 127.0.0.0/8 to the loopback interface.
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="needs 127.0.0.0/8"),
+        ),
+    ],
+)
+async def test_idle_connections_do_not_starve_probes(
+    tmp_path: Path, store: SqliteStore, spread: bool
+) -> None:
+    """A hundred sockets that never send a byte: every probe is still answered at once,
+    and the idle sockets are closed by the server, not left to pile up."""
+    settings = make_settings(tmp_path, "HealthCheck:DnsMxDomain=")
+    async with running_server(settings, store) as running:
+        port = running.port("health")
+        sources = [f"127.0.0.{2 + i if spread else 1}" for i in range(IDLE_SOCKETS)]
+        idle = [
+            await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+            for source in sources
+        ]
+        try:
+            assert await probes_answered(port) == PROBES
+            with trio.fail_after(IDLE_CLOSED_DEADLINE):
+                for stream in idle:
+                    await wait_closed_by_server(stream)
+        finally:
+            for stream in idle:
+                await trio.aclose_forcefully(stream)

@@ -1,8 +1,11 @@
-"""The /healthz and /metrics endpoint: JSON format, status codes, HTTP edge cases, timeouts."""
+"""The /healthz and /metrics endpoint: JSON format, status codes, HTTP edge cases, timeouts,
+and the caps that keep idle connections from starving a probe."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any, cast
@@ -25,7 +28,15 @@ from relate_smtp.runtime.checks import (
     memory_check,
 )
 from relate_smtp.runtime.checks import DiskUsage as Disk
-from relate_smtp.runtime.health import HealthBindError, HealthServer
+from relate_smtp.runtime.health import (
+    FIRST_BYTE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+    REQUEST_TIMEOUT,
+    HealthBindError,
+    HealthServer,
+    _ConnectionTable,
+)
 from relate_smtp.storage import PoolStats, Store, StoreUnavailable
 
 GIB = 1024**3
@@ -353,7 +364,7 @@ async def test_keep_alive_serves_many_requests_on_one_connection(nursery: trio.N
 async def test_silent_client_times_out_while_another_is_served(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), request_timeout=7)
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
     silent, silent_server_side = trio.testing.memory_stream_pair()
     active, active_server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, silent_server_side)
@@ -361,10 +372,35 @@ async def test_silent_client_times_out_while_another_is_served(
 
     status, _, body = await Client(active).request("GET", "/healthz")
     assert status == 200 and json.loads(body)["status"] == "Healthy"
-    assert trio.current_time() < 7
+    assert trio.current_time() == 0
 
     assert await silent.receive_some() == b""  # closed by the server
-    assert trio.current_time() == pytest.approx(7)
+    assert trio.current_time() == pytest.approx(FIRST_BYTE_TIMEOUT)
+
+
+async def test_a_first_byte_buys_the_rest_of_the_request_deadline(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, server_side)
+    await trio.sleep(FIRST_BYTE_TIMEOUT * 0.75)
+    await client_side.send_all(b"GET /hea")
+    assert await client_side.receive_some() == b""
+    # The request deadline runs from when the request was awaited, not from its first byte.
+    assert trio.current_time() == pytest.approx(REQUEST_TIMEOUT)
+
+
+async def test_kept_alive_connection_is_held_to_the_first_byte_timeout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, server_side)
+    await trio.sleep(1)
+    assert (await Client(client_side).request("GET", "/healthz"))[0] == 200
+    assert await client_side.receive_some() == b""
+    assert trio.current_time() == pytest.approx(1 + FIRST_BYTE_TIMEOUT)
 
 
 async def test_trickling_client_is_cut_at_the_request_deadline(
@@ -389,18 +425,148 @@ async def test_trickling_client_is_cut_at_the_request_deadline(
     await closed.wait()
 
 
-async def test_connections_over_the_cap_are_closed_at_once(
+# ---------------------------------------------------------------------------- idle floods
+
+
+async def connect(nursery: trio.Nursery, server: HealthServer, client: str) -> trio.abc.Stream:
+    """A connection from ``client``, admitted by the server before this returns."""
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(functools.partial(server.handle_connection, server_side, client=client))
+    await trio.testing.wait_all_tasks_blocked()
+    return client_side
+
+
+def gated_check(gate: trio.Event) -> HealthCheck:
+    """A check that answers only once ``gate`` is set: its connection stays busy."""
+
+    async def probe() -> CheckResult:
+        await gate.wait()
+        return CheckResult(status="Healthy")
+
+    return HealthCheck(name="gated", tags=(), probe=probe)
+
+
+async def test_a_newcomer_over_the_cap_evicts_the_oldest_idle_connection(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), max_connections=1)
-    first, first_server_side = trio.testing.memory_stream_pair()
-    second, second_server_side = trio.testing.memory_stream_pair()
-    nursery.start_soon(server.handle_connection, first_server_side)
-    await trio.testing.wait_all_tasks_blocked()
-    nursery.start_soon(server.handle_connection, second_server_side)
-    assert await second.receive_some() == b""
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), max_connections=2)
+    oldest = await connect(nursery, server, "192.0.2.1")
+    older = await connect(nursery, server, "192.0.2.2")
+    newcomer = await connect(nursery, server, "192.0.2.3")
+    assert await oldest.receive_some() == b""
     assert trio.current_time() == 0
-    assert (await Client(first).request("GET", "/healthz"))[0] == 200
+    assert (await Client(newcomer).request("GET", "/healthz"))[0] == 200
+    assert (await Client(older).request("GET", "/healthz"))[0] == 200
+
+
+async def test_a_connection_being_answered_is_spared(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    gate = trio.Event()
+    server = HealthServer(
+        "127.0.0.1", 0, [gated_check(gate)], CollectorRegistry(), max_connections=2
+    )
+    busy = await connect(nursery, server, "192.0.2.1")
+    busy_client = Client(busy)
+    answer: list[int] = []
+
+    async def probe() -> None:
+        answer.append((await busy_client.request("GET", "/healthz"))[0])
+
+    nursery.start_soon(probe)
+    await trio.testing.wait_all_tasks_blocked()  # its request is read, the check waits
+    idle = await connect(nursery, server, "192.0.2.2")
+    newcomer = await connect(nursery, server, "192.0.2.3")
+    assert await idle.receive_some() == b""
+    gate.set()
+    assert (await Client(newcomer).request("GET", "/healthz"))[0] == 200
+    await trio.testing.wait_all_tasks_blocked()
+    assert answer == [200]
+
+
+async def test_when_every_connection_is_busy_the_oldest_gives_way(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    gate = trio.Event()
+    server = HealthServer(
+        "127.0.0.1", 0, [gated_check(gate)], CollectorRegistry(), max_connections=1
+    )
+    busy = await connect(nursery, server, "192.0.2.1")
+    await busy.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await trio.testing.wait_all_tasks_blocked()
+    newcomer = await connect(nursery, server, "192.0.2.2")
+    assert await busy.receive_some() == b""
+    gate.set()
+    assert (await Client(newcomer).request("GET", "/healthz"))[0] == 200
+    assert trio.current_time() == 0
+
+
+async def test_the_per_client_cap_evicts_that_clients_oldest_only(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), max_connections_per_client=2)
+    other = await connect(nursery, server, "192.0.2.9")  # the oldest of all
+    first = await connect(nursery, server, "192.0.2.1")
+    second = await connect(nursery, server, "192.0.2.1")
+    third = await connect(nursery, server, "192.0.2.1")
+    assert await first.receive_some() == b""
+    assert trio.current_time() == 0
+    for survivor in (other, second, third):
+        assert (await Client(survivor).request("GET", "/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize("clients", [1, 100], ids=["one-client", "many-clients"])
+async def test_a_hundred_idle_connections_neither_delay_a_probe_nor_log_tracebacks(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    clients: int,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="relate_smtp.health")
+    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    idle = [await connect(nursery, server, f"10.0.0.{i % clients}") for i in range(100)]
+    probe = await connect(nursery, server, "192.0.2.1")
+    assert (await Client(probe).request("GET", "/healthz"))[0] == 200
+    assert trio.current_time() == 0
+    await probe.aclose()
+
+    evicted = 100 + 1 - MAX_CONNECTIONS if clients > 1 else 100 - MAX_CONNECTIONS_PER_CLIENT
+    for stream in idle:
+        assert await stream.receive_some() == b""
+    assert trio.current_time() == pytest.approx(FIRST_BYTE_TIMEOUT)
+    records = [r for r in caplog.records if r.name == "relate_smtp.health"]
+    assert len(records) == 100  # one line per connection evicted or timed out
+    assert sum("evicted" in r.getMessage() for r in records) == evicted
+    assert all(r.levelno == logging.DEBUG and r.exc_info is None for r in records)
+
+
+def test_idle_order_is_the_order_connections_began_to_wait() -> None:
+    table = _ConnectionTable(max_total=2, max_per_client=2)
+    kept_alive, _ = table.admit("192.0.2.1")
+    fresh, _ = table.admit("192.0.2.2")
+    table.busy(kept_alive)  # answered a request, then waits for the next
+    table.idle(kept_alive)
+    _, eviction = table.admit("192.0.2.3")
+    assert eviction is not None and eviction.slot is fresh
+
+
+def test_releasing_an_evicted_slot_again_is_harmless() -> None:
+    table = _ConnectionTable(max_total=1, max_per_client=1)
+    first, _ = table.admit("192.0.2.1")
+    second, eviction = table.admit("192.0.2.1")
+    assert eviction is not None and eviction.slot is first
+    assert "one client" in eviction.reason
+    table.release(first)
+    assert len(table) == 1
+    table.release(second)
+    assert len(table) == 0
+    assert table.admit("192.0.2.1")[1] is None
+
+
+@pytest.mark.parametrize(("total", "per_client"), [(0, 1), (1, 0)])
+def test_caps_below_one_are_refused(total: int, per_client: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        _ConnectionTable(max_total=total, max_per_client=per_client)
 
 
 async def test_silent_socket_client_times_out_while_another_is_served(
