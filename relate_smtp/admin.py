@@ -8,19 +8,11 @@ import uuid
 
 import trio
 
+from relate_smtp.cli import printable
 from relate_smtp.config import Settings
 from relate_smtp.handlers.apikeys import generate_api_key, hash_api_key, key_prefix
 from relate_smtp.storage import AdminStore, StoredEmail
 from relate_smtp.storage.opening import open_store
-
-# Sender-controlled text must not drive the operator's terminal (escape sequences).
-_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
-
-
-def _safe(text: str, *, multiline: bool = False) -> str:
-    """``text`` without control characters; line breaks kept only when ``multiline``."""
-    cleaned = text.replace("\r\n", "\n").translate(_CONTROL)
-    return cleaned if multiline else cleaned.replace("\n", " ")
 
 
 class AdminError(Exception):
@@ -61,7 +53,7 @@ async def keys_create(settings: Settings, email: str, name: str, scopes: list[st
             key_prefix=key_prefix(raw),
             scopes=json.dumps(scopes),
         )
-    print(f"created key {key.id} for {email}", file=sys.stderr)
+    print(f"created key {key.id} for {printable(email)}", file=sys.stderr)
     print(raw)
 
 
@@ -72,8 +64,8 @@ async def keys_list(settings: Settings, email: str) -> None:
         state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
         used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
         print(
-            f"{key.id}  {key.name:<20} {key.key_prefix or '-':<12}  scopes={key.scopes}  "
-            f"{state}  last used {used}"
+            f"{key.id}  {printable(key.name):<20} {printable(key.key_prefix or '-'):<12}  "
+            f"scopes={printable(key.scopes)}  {state}  last used {used}"
         )
 
 
@@ -90,7 +82,7 @@ async def mail_list(settings: Settings, limit: int) -> None:
     for email in emails:
         print(
             f"{email.id}  {email.received_at:%Y-%m-%d %H:%M:%S}  "
-            f"{_safe(email.from_address):<30.30}  {_safe(email.subject):.60}"
+            f"{printable(email.from_address):<30.30}  {printable(email.subject):.60}"
         )
 
 
@@ -99,28 +91,31 @@ async def mail_show(settings: Settings, email_id: uuid.UUID) -> None:
         email = await store.get_email(email_id)
     if email is None:
         raise AdminError(f"no message with id {email_id}")
-    print(_safe(_render(email), multiline=True))
+    print(_render(email))
 
 
 def _render(email: StoredEmail) -> str:
+    """One line per header field, each value escaped alone; then the body's own lines."""
+    p = printable
     lines = [
         f"Id:          {email.id}",
-        f"Message-Id:  {email.message_id}",
-        f"From:        {email.from_display_name or ''} <{email.from_address}>",
-        f"Subject:     {email.subject}",
+        f"Message-Id:  {p(email.message_id)}",
+        f"From:        {p(email.from_display_name or '')} <{p(email.from_address)}>",
+        f"Subject:     {p(email.subject)}",
         f"Received:    {email.received_at.isoformat()}",
         f"Size:        {email.size_bytes}",
-        f"In-Reply-To: {email.in_reply_to or '-'}",
+        f"In-Reply-To: {p(email.in_reply_to or '-')}",
         f"Thread:      {email.thread_id or '-'}",
     ]
     for recipient in email.recipients:
         linked = f" (user {recipient.user_id})" if recipient.user_id else ""
-        lines.append(f"{recipient.type + ':':<13}{recipient.address}{linked}")
+        lines.append(f"{p(recipient.type) + ':':<13}{p(recipient.address)}{linked}")
     for attachment in email.attachments:
         lines.append(
-            f"Attachment:  {attachment.file_name} ({attachment.content_type}, "
+            f"Attachment:  {p(attachment.file_name)} ({p(attachment.content_type)}, "
             f"{attachment.size_bytes} bytes)"
         )
     lines.append("")
-    lines.append(email.text_body if email.text_body is not None else (email.html_body or ""))
+    body = email.text_body if email.text_body is not None else (email.html_body or "")
+    lines.append(p(body, multiline=True))
     return "\n".join(lines)

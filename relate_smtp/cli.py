@@ -35,6 +35,39 @@ _LOG_LEVELS = {
 }
 
 
+# C0 (tab, newline and ESC among them), DEL and C1 move the cursor or start escape
+# sequences; U+2028/U+2029 break lines in some terminals; the bidi embeddings,
+# overrides and isolates reorder what is shown ("Trojan Source"); lone surrogates
+# (undecodable bytes in argv) would make printing fail. The bidi marks (U+200E, U+200F,
+# U+061C) stay: they only nudge neutral characters and are common in right-to-left text.
+_ESCAPED = [
+    *range(0x00, 0x20),
+    *range(0x7F, 0xA0),
+    *range(0x2028, 0x202F),
+    *range(0x2066, 0x206A),
+    *range(0xD800, 0xE000),
+]
+_ONE_LINE = {code: repr(chr(code))[1:-1] for code in _ESCAPED}
+_MULTILINE = {code: text for code, text in _ONE_LINE.items() if chr(code) not in "\n\t"}
+
+
+def printable(text: str, *, multiline: bool = False) -> str:
+    """``text`` made safe to print: stored and user-supplied text never drives the terminal.
+
+    Each control character is shown as its Python escape (``\\n``, ``\\x1b``,
+    ``\\u202e``), so a value can neither forge an output line nor send an escape
+    sequence, and what was escaped stays visible. Backslashes are left as they are:
+    the escapes are for reading, not for parsing back, and applying this twice (to a
+    message that already holds a ``repr``) changes nothing.
+
+    ``multiline`` is for a message body, which is lines of text: line breaks (CRLF
+    becomes LF) and tabs stay; a lone CR, which could overwrite the line, does not.
+    """
+    if multiline:
+        return text.replace("\r\n", "\n").translate(_MULTILINE)
+    return text.translate(_ONE_LINE)
+
+
 class CommandError(Exception):
     """A command failed for a reason the user can act on; printed without a traceback."""
 
@@ -43,8 +76,15 @@ class CommandError(Exception):
         self.status = status
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse echoes unrecognised arguments; they reach the terminal escaped."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="relate-smtp",
         description="SMTP host of the Relate mail platform.",
         epilog="Configuration overrides use ASP.NET syntax: --Smtp:Port=2587",
@@ -125,10 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
         return _dispatch(args, settings, args_list)
     except ConfigError as exc:
-        print(f"relate-smtp: configuration error: {exc}", file=sys.stderr)
+        print(f"relate-smtp: configuration error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except CommandError as exc:
-        print(f"relate-smtp: {exc}", file=sys.stderr)
+        print(f"relate-smtp: {printable(str(exc))}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         return 130
@@ -186,7 +226,7 @@ def _run(command: Callable[[Settings], Awaitable[None]], settings: Settings) -> 
         problem = find_exception(exc, admin_errors())
         if problem is None:
             raise
-        print(f"relate-smtp: {problem}", file=sys.stderr)
+        print(f"relate-smtp: {printable(str(problem))}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 
@@ -221,4 +261,4 @@ def _unreachable(value: object) -> NoReturn:
     raise CommandError(f"unknown command {value!r}")
 
 
-__all__ = ["main"]
+__all__ = ["main", "printable"]

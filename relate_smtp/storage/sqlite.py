@@ -19,6 +19,10 @@ fails alone.
 Values are stored as the platform's columns expect them: uuids as lower-case canonical
 text, times as ISO-8601 UTC text with microseconds (so text order is time order),
 booleans as 0/1, attachment content as BLOBs.
+
+The file holds all mail and the API key hashes, so the store creates it mode 0600
+whatever the umask; SQLite gives the ``-wal`` and ``-shm`` files it creates the main
+file's permissions. An existing file that others may read is reported, not changed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 import string
@@ -63,6 +68,8 @@ from relate_smtp.storage.records import (
 __all__ = ["CLI_OIDC_ISSUER", "SqliteStore"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("relate_smtp.storage")
 
 CLI_OIDC_ISSUER = "relate-smtp-cli"
 KEY_HASH_MAX = 128
@@ -174,7 +181,54 @@ def _use_wal(conn: sqlite3.Connection) -> None:
                 raise
 
 
+_PRIVATE_MODE = 0o600
+_NOT_OWNER = 0o077
+_FILE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def _create_private(path: str) -> None:
+    """Create the database file 0600 before SQLite would create it 0666 less the umask.
+
+    The mode given to ``os.open`` leaves the process umask alone for other threads;
+    ``fchmod`` undoes a umask that would take the owner's bits too. An existing file is
+    left as it is, and a failure is left for SQLite to report in its own terms.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_MODE)
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, _PRIVATE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _exposed_files(path: str) -> list[str]:
+    """The database's files that users other than the owner may open, with their modes."""
+    exposed = []
+    for name in (path + suffix for suffix in _FILE_SUFFIXES):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+        except OSError:
+            continue
+        if mode & _NOT_OWNER:
+            exposed.append(f"{name} ({mode:04o})")
+    return exposed
+
+
+def _warn_if_exposed(path: str) -> None:
+    """Warn rather than chmod: the operator may share the file on purpose (a backup group)."""
+    exposed = _exposed_files(path)
+    if exposed:
+        log.warning(
+            "the SQLite store holds all mail and the API key hashes but others may read it: "
+            "%s; chmod 600 to keep it private",
+            ", ".join(exposed),
+        )
+
+
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    _create_private(path)
     # isolation_level=None: autocommit; every transaction below is an explicit BEGIN.
     conn = sqlite3.connect(
         path,
@@ -611,6 +665,7 @@ class SqliteStore:
         )
         try:
             await store.init_schema()
+            await trio.to_thread.run_sync(_warn_if_exposed, store.path)
         except BaseException:
             await store.aclose()
             raise

@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+
+from relate_smtp.storage.sqlite import SqliteStore
+from tests.storage.helpers import attachment, new_email
 
 LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
 
@@ -30,6 +34,12 @@ def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
     return result
+
+
+def assert_terminal_safe(output: str) -> None:
+    """Nothing but printable characters and the line breaks between output lines."""
+    raw = {ch for ch in output if not ch.isprintable() and ch != "\n"}
+    assert not raw, f"raw control characters reached the terminal: {raw!r}"
 
 
 class ServeProcess:
@@ -128,6 +138,53 @@ def test_users_keys_and_mail_commands(tmp_path: Path, serve: type[ServeProcess])
     assert "revoked" in run_cli(tmp_path, "keys", "list", "alice@example.com").stdout
     again = run_cli(tmp_path, "keys", "revoke", key_id, check=False)
     assert again.returncode == 1 and "no active key" in again.stderr
+
+
+def test_keys_list_shows_a_hostile_key_name_escaped_on_its_own_line(tmp_path: Path) -> None:
+    run_cli(tmp_path, "users", "add", "alice@example.com")
+    run_cli(tmp_path, "keys", "create", "alice@example.com", "--name", "\x1b]0;pwned\x07\nx")
+
+    listed = run_cli(tmp_path, "keys", "list", "alice@example.com").stdout
+
+    assert listed.count("\n") == 1
+    assert_terminal_safe(listed)
+    assert r"\x1b]0;pwned\x07\nx" in listed
+
+
+def test_mail_commands_show_hostile_headers_escaped(tmp_path: Path) -> None:
+    email = new_email(
+        from_address="a@x.test\nforged",
+        subject="Invoice\r\nFrom: boss@example.com\x1b[2J",
+        attachments=(attachment("x.pdf\nFrom: forged", b"%PDF"),),
+        text_body="one\ntwo",
+    )
+
+    async def store_it() -> None:
+        store = await SqliteStore.open(tmp_path / "relate-smtp.db")
+        try:
+            await store.save_email(email)
+        finally:
+            await store.aclose()
+
+    trio.run(store_it)
+
+    listed = run_cli(tmp_path, "mail", "list").stdout
+    assert listed.count("\n") == 1
+    assert_terminal_safe(listed)
+    shown = run_cli(tmp_path, "mail", "show", str(email.id)).stdout
+    # 8 header lines, the attachment, the blank line, 2 body lines.
+    assert shown.count("\n") == 12
+    assert_terminal_safe(shown)
+    assert r"Attachment:  x.pdf\nFrom: forged (" in shown
+    assert r"Subject:     Invoice\r\nFrom: boss@example.com\x1b[2J" in shown
+
+
+def test_unrecognised_arguments_are_echoed_escaped(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "db", "init", "\x1b[2J\u202e", check=False)
+
+    assert result.returncode == 2
+    assert_terminal_safe(result.stderr)
+    assert r"unrecognized arguments: \x1b[2J\u202e" in result.stderr
 
 
 def test_serve_logs_listening_lines_and_exits_0_on_sigterm(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -488,3 +491,56 @@ async def test_opening_twice_at_once_creates_the_schema_once(db_path: Path) -> N
         await opened.aclose()
     assert len(stores) == 8
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+DB_FILES = ("", "-wal", "-shm")
+
+
+def modes(path: Path) -> dict[str, int]:
+    return {suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) for suffix in DB_FILES}
+
+
+@pytest.fixture(params=[0o022, 0o002, 0o277], ids=["022", "002", "277"])
+def umask(request: pytest.FixtureRequest, db_path: Path) -> Iterator[int]:
+    """The process umask while the test runs (``db_path``'s directory already exists)."""
+    previous = os.umask(request.param)
+    try:
+        yield cast(int, request.param)
+    finally:
+        os.umask(previous)
+
+
+async def test_new_database_files_are_private_whatever_the_umask(umask: int, db_path: Path) -> None:
+    store = await SqliteStore.open(db_path)
+    try:
+        await store.save_email(new_email(attachments=(attachment("a.pdf", b"%PDF"),)))
+        assert modes(db_path) == dict.fromkeys(DB_FILES, 0o600)
+    finally:
+        await store.aclose()
+    assert os.umask(umask) == umask, "the process umask is left as it was"
+
+
+async def test_an_existing_database_others_may_read_is_reported_not_changed(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await (await SqliteStore.open(db_path)).aclose()
+    os.chmod(db_path, 0o644)
+
+    with caplog.at_level(logging.WARNING, logger="relate_smtp.storage"):
+        store = await SqliteStore.open(db_path)
+        await store.aclose()
+
+    assert f"{db_path} (0644)" in caplog.text and "chmod 600" in caplog.text
+    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o644
+
+
+async def test_a_private_database_opens_without_a_warning(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await (await SqliteStore.open(db_path)).aclose()
+
+    with caplog.at_level(logging.WARNING, logger="relate_smtp.storage"):
+        store = await SqliteStore.open(db_path)
+        await store.aclose()
+
+    assert not caplog.records
