@@ -142,29 +142,120 @@ def decode_header_text(value: str) -> str:
     Unfolding last also drops line breaks smuggled inside encoded words, which would
     otherwise end up in a one-line field such as the subject.
     """
-    return unfold(decode_rfc2047(fix_8bit(value)))
+    return unfold(decode_rfc2047(fix_8bit(bounded(value))))
 
 
-# RFC 5322 §3.2.2 comments and §3.2.4 quoted strings hide angle brackets from msg-id
-# scanning, as MimeKit's tokenizer skips them.
-_COMMENT_OR_QUOTED = re.compile(r'\((?:[^()\\]|\\.)*\)|"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Header values are cut to this many characters before they are parsed. The widest
+# column a header feeds holds 2,000 characters (SPEC §8); encoded words (base64 of
+# UTF-8), folding and comments expand text by well under 8x, so nothing storable is lost.
+HEADER_PARSE_BOUND = 16 * 1024
+_ELISION = "<>"  # joins the kept head and tail of a cut msg-id list without gluing ids
+
+
+def bounded(value: str, limit: int = HEADER_PARSE_BOUND) -> str:
+    """``value`` cut to ``limit`` characters, so parsing cost never follows input size."""
+    return value if len(value) <= limit else value[:limit]
+
+
+def bounded_ends(value: str, limit: int = HEADER_PARSE_BOUND) -> str:
+    """``value`` cut to its first and last ``limit // 2`` characters.
+
+    For References, whose first id is the thread root and whose last ids are the
+    parent (RFC 5322 §3.6.4): both ends matter, the middle does not.
+    """
+    if len(value) <= limit:
+        return value
+    half = limit // 2
+    return value[:half] + _ELISION + value[-half:]
+
+
 _MSG_ID = re.compile(r"<([^<>]*)>")
+_SPECIAL = re.compile(r'[("]')
+
+
+def _skip_comment(value: str, start: int) -> int:
+    """Index just past the RFC 5322 §3.2.2 comment opening at ``start``, or -1.
+
+    Comments nest and ``\\`` escapes the next character; -1 means unterminated.
+    """
+    depth = 0
+    i, n = start, len(value)
+    while i < n:
+        char = value[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _skip_quoted(value: str, start: int) -> int:
+    """Index just past the RFC 5322 §3.2.4 quoted string opening at ``start``, or -1."""
+    i, n = start + 1, len(value)
+    while i < n:
+        char = value[i]
+        if char == "\\":
+            i += 2
+        elif char == '"':
+            return i + 1
+        else:
+            i += 1
+    return -1
+
+
+def _without_comments_and_quotes(value: str) -> str:
+    """``value`` with comments and quoted strings blanked, in one linear pass.
+
+    They hide angle brackets from msg-id scanning, as MimeKit's tokenizer skips them.
+    An unterminated comment ends the list (MimeKit stops there); an unterminated quote
+    is kept as text, and so is every later quote, which the same scan proves
+    unterminated too. Every character is visited a bounded number of times.
+    """
+    out: list[str] = []
+    pos = 0
+    quotes_open = True
+    n = len(value)
+    while pos < n:
+        match = _SPECIAL.search(value, pos)
+        while match is not None and match.group() == '"' and not quotes_open:
+            match = _SPECIAL.search(value, match.end())
+        if match is None:
+            out.append(value[pos:])
+            break
+        start = match.start()
+        out.append(value[pos:start])
+        if match.group() == "(":
+            end = _skip_comment(value, start)
+            if end < 0:
+                break
+        else:
+            end = _skip_quoted(value, start)
+            if end < 0:
+                quotes_open = False
+                out.append('"')
+                pos = start + 1
+                continue
+        out.append(" ")
+        pos = end
+    return "".join(out)
 
 
 def message_ids(value: str) -> list[str]:
     """The msg-ids of an In-Reply-To or References value, without brackets.
 
     Like MimeKit's ``EnumerateReferences``, only bracketed ids count; phrases between
-    them (``In-Reply-To: your message of …``) are skipped. Folding inside an id is removed.
+    them (``In-Reply-To: your message of …``) are skipped. Folding inside an id is
+    removed. Linear in the input, which is cut to :data:`HEADER_PARSE_BOUND` first.
     """
-    value = fix_8bit(value)
+    value = fix_8bit(bounded_ends(value))
     if "(" in value or '"' in value:
-        # Nested comments are rare; repeated passes strip them from the inside out.
-        for _ in range(8):
-            stripped = _COMMENT_OR_QUOTED.sub(" ", value)
-            if stripped == value:
-                break
-            value = stripped
+        value = _without_comments_and_quotes(value)
     ids: list[str] = []
     for inner in _MSG_ID.findall(value):
         msg_id = "".join(inner.split())
@@ -178,33 +269,64 @@ def message_id(value: str) -> str:
     ids = message_ids(value)
     if ids:
         return ids[0]
-    return "".join(unfold(fix_8bit(value)).strip("<> \t").split())
+    return "".join(unfold(fix_8bit(bounded(value))).strip("<> \t").split())
 
 
-def mailboxes(values: list[str]) -> list[tuple[str, str]]:
+# Address-list text parsed per recipient header kind (To, Cc, Bcc): one header at the
+# 100 KiB limit, or a thousand mailboxes of a hundred characters; the rest is not parsed.
+ADDRESS_LIST_BOUND = 128 * 1024
+
+
+def mailboxes(values: list[str], *, limit: int | None = None) -> list[tuple[str, str]]:
     """(display name, address) for each mailbox of address-list headers, groups expanded.
 
     Display names are RFC 2047 decoded after the list is split, so an encoded comma or
     angle bracket cannot break the list apart. Entries without a usable ``local@domain``
-    address (empty groups, ``<>``, fragments of garbage) are skipped.
+    address (empty groups, ``<>``, fragments of garbage) are skipped. At most ``limit``
+    mailboxes are returned, and at most :data:`ADDRESS_LIST_BOUND` characters of the
+    values are parsed, so the cost is bounded whatever the header holds.
     """
     result: list[tuple[str, str]] = []
-    texts = [unfold(fix_8bit(v)) for v in values]
-    for name, address in _simple_addresses(texts) or getaddresses(texts):
+    texts = [unfold(fix_8bit(v)) for v in _within(values, ADDRESS_LIST_BOUND)]
+    for name, address in _simple_addresses(texts) or _stdlib_addresses(texts):
         address = address.strip()
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or any(c.isspace() for c in address):
             continue
         if "=?" in name:
-            name = decode_rfc2047(name)
+            name = decode_rfc2047(bounded(name))
         result.append((name.strip(), address))
+        if limit is not None and len(result) >= limit:
+            break
     return result
+
+
+def _within(values: list[str], budget: int) -> list[str]:
+    """The leading values that fit in ``budget`` characters, the last one cut to fit."""
+    kept: list[str] = []
+    for value in values:
+        if budget <= 0:
+            break
+        kept.append(bounded(value, budget))
+        budget -= len(value)
+    return kept
+
+
+def _stdlib_addresses(texts: list[str]) -> list[tuple[str, str]]:
+    """``getaddresses`` for lists with quoted strings, comments or groups.
+
+    It is linear in its input, but recurses per nested comment or group: text nested
+    deeper than the interpreter's recursion limit has no mailboxes to offer.
+    """
+    try:
+        return getaddresses(texts)
+    except RecursionError:
+        return []
 
 
 # Characters whose presence needs the full RFC 5322 parser: quoted strings, comments,
 # groups, escapes, and route or obsolete syntax.
 _COMPLEX_LIST = re.compile(r'["():;\\\[\]]')
-_SIMPLE_MAILBOX = re.compile(r"\s*(?:([^<>@,]*?)\s*<\s*([^<>\s,]+)\s*>|([^<>\s,]+))\s*")
 
 
 def _simple_addresses(texts: list[str]) -> list[tuple[str, str]] | None:
@@ -212,7 +334,8 @@ def _simple_addresses(texts: list[str]) -> list[tuple[str, str]] | None:
 
     The stdlib parser walks the text a character at a time and dominates the cost of a
     typical message; lists with nothing but bare phrases, angle addresses and commas
-    are split here instead and give the same pairs.
+    are split here instead and give the same pairs. String methods only: each item is
+    scanned a fixed number of times, so the split is linear in the text.
     """
     result: list[tuple[str, str]] = []
     for text in texts:
@@ -221,15 +344,29 @@ def _simple_addresses(texts: list[str]) -> list[tuple[str, str]] | None:
         for item in text.split(","):
             if not item or item.isspace():
                 continue
-            match = _SIMPLE_MAILBOX.fullmatch(item)
-            if match is None:
+            pair = _simple_mailbox(item.strip())
+            if pair is None:
                 return None
-            phrase, angle, bare = match.groups()
-            if bare is not None:
-                result.append(("", bare))
-            else:
-                result.append((" ".join(phrase.split()), angle))
+            result.append(pair)
     return result
+
+
+def _simple_mailbox(item: str) -> tuple[str, str] | None:
+    """``phrase <addr>`` or a bare ``addr`` (no white space), else None."""
+    if "<" not in item and ">" not in item:
+        return None if _has_space(item) else ("", item)
+    opening = item.find("<")
+    if opening < 0 or item.count("<") != 1 or item.count(">") != 1 or not item.endswith(">"):
+        return None
+    phrase = item[:opening]
+    address = item[opening + 1 : -1].strip()
+    if "@" in phrase or not address or _has_space(address):
+        return None
+    return " ".join(phrase.split()), address
+
+
+def _has_space(text: str) -> bool:
+    return len(text.split(maxsplit=1)) != 1 or text != text.strip()
 
 
 def unflow(text: str, *, delete_space: bool) -> str:
@@ -294,14 +431,15 @@ def fit(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[:limit]
 
 
-def fit_references(ids: list[str], limit: int) -> str | None:
+def fit_references(ids: list[str], limit: int) -> str:
     """Join ids in MimeKit's ``<a> <b>`` form, dropping whole ids to fit ``limit``.
 
+    No ids give ``""``, as the original stored (MimeKit's list is never null; SPEC §5).
     RFC 5322 §3.6.4 suggests that a trimmed References keeps the first id (the thread
     root) and the most recent ones (the parent), so those are the ids kept.
     """
     if not ids:
-        return None
+        return ""
     tokens = [f"<{clean(i)}>" for i in ids]
     joined = " ".join(tokens)
     if len(joined) <= limit:

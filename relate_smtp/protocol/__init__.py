@@ -47,9 +47,11 @@ from ._replies import (
     AUTH_SUCCEEDED,
     AUTH_TEMPORARY_FAILURE,
     DATA_TOO_SLOW,
+    INSUFFICIENT_RESOURCES,
     INTERNAL_ERROR,
     LOCAL_ERROR,
     MESSAGE_TOO_BIG,
+    MESSAGE_TOO_COMPLEX_NOW,
     RELAY_DENIED,
     SENDER_NOT_OWNED,
     SHUTTING_DOWN,
@@ -59,6 +61,7 @@ from ._replies import (
     UNKNOWN_USER,
     Reply,
     message_accepted,
+    mime_limit_exceeded,
 )
 from ._state import State
 
@@ -69,9 +72,11 @@ __all__ = [
     "AUTH_SUCCEEDED",
     "AUTH_TEMPORARY_FAILURE",
     "DATA_TOO_SLOW",
+    "INSUFFICIENT_RESOURCES",
     "INTERNAL_ERROR",
     "LOCAL_ERROR",
     "MESSAGE_TOO_BIG",
+    "MESSAGE_TOO_COMPLEX_NOW",
     "NEED_DATA",
     "PAUSED",
     "RELAY_DENIED",
@@ -106,4 +111,5 @@ __all__ = [
     "StartTLS",
     "State",
     "message_accepted",
+    "mime_limit_exceeded",
 ]

@@ -99,6 +99,10 @@ SENDER_NOT_OWNED = _r(553, "5.7.1", "Sender address not owned by the authenticat
 LOCAL_ERROR = _r(451, "4.3.0", "Temporary local problem, try again later")
 MESSAGE_TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
 ATTACHMENT_TOO_BIG = _r(552, "5.3.4", "Attachment size exceeds the fixed maximum")
+# A message that would take longer or more memory to parse than the limits allow.
+# RFC 5321 §4.2.5 / RFC 3463 §3.4: no room (memory budget, spool disk) for the message now.
+INSUFFICIENT_RESOURCES = _r(452, "4.3.1", "Insufficient system resources, try again later")
+MESSAGE_TOO_COMPLEX_NOW = _r(451, "4.3.0", "Message too costly to process now, try again later")
 SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing channel")
 TIMEOUT = _r(421, "4.4.2", "Timeout exceeded, closing channel")
 DATA_TOO_SLOW = _r(421, "4.4.2", "Data rate too low, closing channel")
@@ -110,6 +114,11 @@ TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")  # RFC 3207 §4
 def message_accepted(queue_id: str) -> Reply:
     """The 250 for an accepted message, naming the id the store gave it."""
     return _r(250, "2.0.0", f"OK: queued as {queue_id}")
+
+
+def mime_limit_exceeded(what: str) -> Reply:
+    """554 5.6.0 for a message whose MIME structure passes a limit (RFC 3463 §3.7)."""
+    return _r(554, "5.6.0", f"Message content rejected: {what}")
 
 
 # --- replies the core sends by itself -----------------------------------------------
@@ -149,6 +158,7 @@ BAD_PARAMETER = _r(501, "5.5.4", "Invalid parameter value")
 DUPLICATE_PARAMETER = _r(501, "5.5.4", "Duplicate parameter")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")  # RFC 5321 §4.5.3.1.10
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing channel")
+TOO_MANY_RECIPIENT_ERRORS = _r(421, "4.7.0", "Too many rejected recipients, closing channel")
 
 SEND_HELLO_FIRST = _r(503, "5.5.1", "Send EHLO or HELO first")
 NEED_MAIL = _r(503, "5.5.1", "Need MAIL command first")

@@ -12,9 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relate_smtp.handlers import _mime
+from relate_smtp.handlers.limits import MimeLimits
 from relate_smtp.handlers.message import (
-    PARSE_IN_THREAD_ABOVE,
+    PARSE_OFF_LOOP_ABOVE,
     AttachmentTooLarge,
+    MimeLimitExceeded,
     build_email,
     looks_large,
 )
@@ -39,6 +41,7 @@ def build(
     envelope_recipients: Sequence[str] = ("bob@example.org",),
     sent_by_user_id: uuid.UUID | None = None,
     max_attachment_size: int = LIMIT,
+    limits: MimeLimits = MimeLimits(),
     received_at: datetime | None = None,
 ) -> NewEmail:
     data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
@@ -47,6 +50,7 @@ def build(
         envelope_recipients=envelope_recipients,
         sent_by_user_id=sent_by_user_id,
         max_attachment_size=max_attachment_size,
+        limits=limits,
         received_at=received_at,
     )
 
@@ -84,7 +88,7 @@ def test_record_fields_from_arguments() -> None:
         sent_by_user_id=user,
         received_at=when,
     )
-    assert email.size_bytes == len(raw.encode())
+    assert email.size_bytes == len(raw.encode()) - 2
     assert email.sent_by_user_id == user
     assert email.received_at == when
     assert email.envelope_recipients == ("x@example.org", "Y@Example.org")
@@ -100,9 +104,9 @@ def test_received_at_defaults_to_now_utc() -> None:
 
 
 def test_parse_threshold() -> None:
-    assert PARSE_IN_THREAD_ABOVE == 64 * 1024
+    assert PARSE_OFF_LOOP_ABOVE == 64 * 1024
     assert not looks_large(2048)
-    assert looks_large(PARSE_IN_THREAD_ABOVE + 1)
+    assert looks_large(PARSE_OFF_LOOP_ABOVE + 1)
 
 
 # --- Message-ID, In-Reply-To, References -------------------------------------------------
@@ -150,9 +154,10 @@ def test_references_in_mimekit_form() -> None:
     assert email.references == "<a@x> <b@x> <c@x> <d@x>"
 
 
-def test_references_absent_is_none() -> None:
-    assert build(message("From: a@example.com")).references is None
-    assert build(message("References: nothing here")).references is None
+def test_references_absent_is_empty_string() -> None:
+    """SPEC §5: MimeKit's References list is never null and prints as ""."""
+    assert build(message("From: a@example.com")).references == ""
+    assert build(message("References: nothing here")).references == ""
 
 
 # --- From ---------------------------------------------------------------------------------
@@ -214,9 +219,14 @@ def test_subject_decoded_and_unfolded(header: str, expected: str) -> None:
     assert build(message(header)).subject == expected
 
 
-@pytest.mark.parametrize("header", ["", "Subject:", "Subject:    ", "Subject: =?utf-8?q??="])
-def test_subject_default(header: str) -> None:
-    assert build(message(header)).subject == "(No Subject)"
+def test_subject_default_only_when_the_header_is_missing() -> None:
+    assert build(message("From: a@example.com")).subject == "(No Subject)"
+
+
+@pytest.mark.parametrize("header", ["Subject:", "Subject:    ", "Subject: =?utf-8?q??="])
+def test_empty_subject_is_stored_empty(header: str) -> None:
+    """MimeKit's ``Subject ?? "(No Subject)"``: an empty header is not a missing one."""
+    assert build(message(header)).subject == ""
 
 
 # --- bodies -------------------------------------------------------------------------------
@@ -362,13 +372,22 @@ def test_header_recipients() -> None:
     rows = [(r.type, r.address, r.display_name) for r in build(message(headers)).header_recipients]
     assert rows == [
         ("To", "Bob@Example.org", "Bob Example"),
-        ("To", "carol@example.org", None),
-        ("To", "second-to@example.org", None),
-        ("Cc", "dave@example.net", None),
+        ("To", "carol@example.org", ""),
+        ("To", "second-to@example.org", ""),
+        ("Cc", "dave@example.net", ""),
         ("Cc", "eve@example.net", "Eve, E."),
         ("Cc", "fred@example.net", "Fréd"),
-        ("Bcc", "hidden@example.com", None),
+        ("Bcc", "hidden@example.com", ""),
     ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [(b"Subject: s\r\n\r\nbody\r\n", 18), (b"Subject: s\r\n\r\nbody", 18), (b"", 0)],
+)
+def test_size_excludes_the_final_crlf_as_the_original(raw: bytes, size: int) -> None:
+    """The original stored the DATA block up to ``CRLF.CRLF``, without that CRLF."""
+    assert build(raw).size_bytes == size
 
 
 def test_empty_and_invalid_recipients_skipped() -> None:
@@ -674,9 +693,9 @@ def test_bad_base64_attachment() -> None:
     assert len(build(raw).attachments) == 1
 
 
-def test_deep_nesting() -> None:
-    depth = 400
-    raw = (
+def nested(depth: int) -> str:
+    """A message of ``depth`` multiparts, each the only part of the one before."""
+    return (
         "".join(
             f"--b{i - 1}\r\n" * (i > 0) + f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n'
             for i in range(depth)
@@ -684,7 +703,21 @@ def test_deep_nesting() -> None:
         + "--"
         + f"b{depth - 1}\r\n\r\ndeep\r\n"
     )
-    build(raw)
+
+
+def test_nesting_at_the_limit_parses() -> None:
+    assert build(nested(100)).text_body == "deep"  # the text part is 100 levels down
+
+
+def test_nesting_beyond_the_limit_is_refused() -> None:
+    with pytest.raises(MimeLimitExceeded, match="nesting deeper than 100"):
+        build(nested(101))
+
+
+def test_nesting_beyond_the_interpreter_is_stored_as_text() -> None:
+    # With the limit raised past Python's recursion limit the body falls back to raw text.
+    email = build(nested(1500), limits=MimeLimits(max_nesting_depth=10_000, max_parts=10_000))
+    assert email.text_body is not None and "deep" in email.text_body
 
 
 def test_fast_path_matches_full_parse() -> None:
@@ -699,7 +732,7 @@ def test_fast_path_matches_full_parse() -> None:
         "Content-Transfer-Encoding: quoted-printable",
         "caf=E9\r\nline two\r\n\r\n\r\n",
     ).encode()
-    fast = module._parse(raw)
+    fast = module._parse(raw, MimeLimits())
     full = BytesParser(policy=compat32).parsebytes(raw)
     assert fast.items() == full.items()
     assert fast.get_payload(decode=True) == full.get_payload(decode=True)
@@ -742,7 +775,7 @@ _FRAGMENTS = [
 @given(st.binary(max_size=2048))
 def test_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
     email = build(raw, max_attachment_size=1 << 30)
-    assert email.size_bytes == len(raw)
+    assert email.size_bytes == len(raw) - (2 if raw.endswith(b"\r\n") else 0)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -757,7 +790,10 @@ def test_never_raises_on_mime_like_bytes(chunks: list[bytes]) -> None:
 def test_a_body_too_deeply_nested_to_parse_is_stored_as_raw_text(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Absurd nesting must not turn into a temporary failure the sender retries forever."""
+    """Nesting the parser cannot follow must not become a temporary failure retried forever.
+
+    (With the default limits such a message is refused first: 554 5.6.0.)
+    """
     inner = b""
     depth = 800
     for i in range(depth):
@@ -774,10 +810,11 @@ def test_a_body_too_deeply_nested_to_parse_is_stored_as_raw_text(
         envelope_recipients=["bob@example.org"],
         sent_by_user_id=None,
         max_attachment_size=10**8,
+        limits=MimeLimits(max_nesting_depth=10_000, max_parts=10_000),
     )
     assert email.subject == "deep"
     assert email.from_address == "ann@example.com"
-    assert email.size_bytes == len(raw)
+    assert email.size_bytes == len(raw) - 2
     assert email.text_body is not None and "boundary=b799" in email.text_body
     assert email.attachments == ()
     assert "stored as raw text" in caplog.text
