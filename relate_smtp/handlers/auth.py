@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 import attrs
 import trio
 
-from relate_smtp.config import SecuritySettings
+from relate_smtp.config import SecuritySettings, SmtpSettings
 from relate_smtp.handlers.apikeys import has_smtp_scope, key_prefix, verify_api_key
 from relate_smtp.handlers.ratelimit import RateLimiter
 from relate_smtp.storage import ApiKey, Store, StoreError
 
 __all__ = [
     "CACHE_TTL_SECONDS",
+    "KEYS_VERIFIED_PER_ATTEMPT",
     "AuthOutcome",
     "AuthResult",
     "AuthStats",
@@ -52,10 +53,21 @@ CACHE_TTL_SECONDS = 30.0
 DEFAULT_CACHE_ENTRIES = 10_000
 
 # A bcrypt hash at BCrypt.Net's default cost (11) of a random string nobody knows.
-# Verified against when no real key is a candidate, so that an unknown user, or a user
+# Verified against in place of missing candidates, so that an unknown user, or a user
 # with no SMTP key, takes as long to refuse as a wrong key (no address enumeration by
 # timing).
 _DUMMY_HASH = "$2b$11$NzSc8mjaxyTngWOoPCKUoOsXmXqvX3sCmhjsfCGkxiBxa6xTqjr.C"
+
+# bcrypt verifications per uncached attempt that fails, whoever the user is: its keys
+# first, padded with the dummy hash. Were it "one per candidate key", the time to
+# refuse would tell who exists and how many older (null KeyPrefix) keys they have. One
+# is the cost of an unknown user anyway, so refusing never costs more than it used to.
+# The price: a user with several older keys can log in with only one of them (the
+# most recently used; see _keys_to_try) until the others are re-issued with a prefix.
+KEYS_VERIFIED_PER_ATTEMPT = 1
+
+# Sorts a never-used key after every used one.
+_NEVER = float("-inf")
 
 
 class AuthOutcome(enum.Enum):
@@ -308,6 +320,40 @@ class LastUsedUpdater:
             self.written += len(batch)
 
 
+def _keys_to_try(
+    user_id: uuid.UUID, candidates: Sequence[ApiKey], prefix: str
+) -> tuple[list[ApiKey], int]:
+    """The eligible keys worth a bcrypt, at most :data:`KEYS_VERIFIED_PER_ATTEMPT` of
+    them, and how many eligible older keys were left out.
+
+    Ineligible rows are skipped before paying for bcrypt. The store already leaves out
+    revoked keys and other users' keys; they are checked again here so that a store bug
+    cannot let one in. Prefix-matched keys come first (the prefix all but names the
+    key), then older keys, most recently used first, then newest: the key a client is
+    actually using stays the one tried, and the order never depends on the attempt.
+    """
+    by_prefix: list[ApiKey] = []
+    older: list[ApiKey] = []
+    for key in candidates:
+        if key.revoked_at is not None or key.user_id != user_id:
+            continue
+        if not has_smtp_scope(key.scopes):
+            continue
+        if key.key_prefix is None:
+            older.append(key)
+        elif key.key_prefix == prefix:
+            by_prefix.append(key)
+    older.sort(key=_recency, reverse=True)
+    chosen = (by_prefix + older)[:KEYS_VERIFIED_PER_ATTEMPT]
+    left_out = sum(1 for key in older if key not in chosen)
+    return chosen, left_out
+
+
+def _recency(key: ApiKey) -> tuple[float, float, int]:
+    last_used = key.last_used_at.timestamp() if key.last_used_at is not None else _NEVER
+    return last_used, key.created_at.timestamp(), key.id.int
+
+
 def _default_thread_limit() -> int:
     # bcrypt releases the GIL, so one thread per core uses the machine without letting a
     # burst of AUTHs queue hundreds of threads.
@@ -326,7 +372,10 @@ class Authenticator:
     in a worker thread, bounded by ``limiter``. ``clock`` (monotonic seconds) drives the
     rate limiter and the cache; ``wall_clock`` stamps ``LastUsedAt``. ``rate_limiter`` and
     ``cache`` may be passed in (tests, or several listeners sharing one); otherwise they
-    are built from ``settings``. Without ``last_used`` no ``LastUsedAt`` is written.
+    are built from ``settings``, grouping IPv6 clients by ``ipv6_prefix_length``.
+    Without ``last_used`` no ``LastUsedAt`` is written. ``dummy_hash`` pads the bcrypt
+    work of a refusal (:data:`KEYS_VERIFIED_PER_ATTEMPT`); its cost should be that of the
+    real keys, BCrypt.Net's 11 by default, and tests pass a cheaper one with cheap keys.
     """
 
     def __init__(
@@ -341,6 +390,8 @@ class Authenticator:
         cache: ResultCache | None = None,
         last_used: LastUsedUpdater | None = None,
         verify: Callable[[str, str], bool] = verify_api_key,
+        ipv6_prefix_length: int = SmtpSettings().client_ipv6_prefix_length,
+        dummy_hash: str = _DUMMY_HASH,
     ) -> None:
         self._store = store
         self._wall_clock = wall_clock
@@ -350,13 +401,16 @@ class Authenticator:
         self.rate_limiter = (
             rate_limiter
             if rate_limiter is not None
-            else RateLimiter(settings.rate_limit, clock=clock)
+            else RateLimiter(
+                settings.rate_limit, clock=clock, ipv6_prefix_length=ipv6_prefix_length
+            )
         )
         self.cache = (
             cache if cache is not None else ResultCache(settings.authentication_salt, clock=clock)
         )
         self._last_used = last_used
         self._verify = verify
+        self._dummy_hash = dummy_hash
         self._inflight: dict[bytes, _InFlight] = {}
         self.stats = AuthStats()
 
@@ -422,45 +476,40 @@ class Authenticator:
             return None
 
         if user is None:
-            await self._dummy_verify(password)
+            await self._pad_verifications(password, KEYS_VERIFIED_PER_ATTEMPT)
             return _FAILED
-        matched = await self._find_matching_key(user.id, candidates, password)
+        matched = await self._find_matching_key(username, user.id, candidates, password)
         if matched is None:
             return _FAILED
         return CachedResult(outcome=AuthOutcome.SUCCESS, user_id=user.id, key_id=matched.id)
 
     async def _find_matching_key(
-        self, user_id: uuid.UUID, candidates: Sequence[ApiKey], password: str
+        self, username: str, user_id: uuid.UUID, candidates: Sequence[ApiKey], password: str
     ) -> ApiKey | None:
-        """The first eligible key whose hash matches, prefix-matched keys before legacy ones.
+        """The key among :func:`_keys_to_try` whose hash matches, if any.
 
-        Ineligible rows are skipped before paying for bcrypt. The store already leaves out
-        revoked keys and other users' keys; they are checked again here so that a store
-        bug cannot let one in. If nothing is eligible, a dummy hash is verified instead.
+        A refusal always costs :data:`KEYS_VERIFIED_PER_ATTEMPT` verifications, the
+        missing ones made against the dummy hash. A success may stop early: it is no
+        secret from the one client that can cause it.
         """
-        prefix = key_prefix(password)
-        by_prefix: list[ApiKey] = []
-        legacy: list[ApiKey] = []
-        for key in candidates:
-            if key.revoked_at is not None or key.user_id != user_id:
-                continue
-            if not has_smtp_scope(key.scopes):
-                continue
-            if key.key_prefix is None:
-                legacy.append(key)
-            elif key.key_prefix == prefix:
-                by_prefix.append(key)
-        eligible = by_prefix + legacy
-        if not eligible:
-            await self._dummy_verify(password)
-            return None
-        for key in eligible:
+        chosen, left_out = _keys_to_try(user_id, candidates, key_prefix(password))
+        for key in chosen:
             if await self._run_verify(password, key.key_hash):
                 return key
+        await self._pad_verifications(password, KEYS_VERIFIED_PER_ATTEMPT - len(chosen))
+        if left_out:
+            logger.warning(
+                "AUTH for %r: %d older keys without KeyPrefix were not checked (%d key "
+                "per attempt, the most recently used first); issue new keys to replace them",
+                username,
+                left_out,
+                KEYS_VERIFIED_PER_ATTEMPT,
+            )
         return None
 
-    async def _dummy_verify(self, password: str) -> None:
-        await self._run_verify(password, _DUMMY_HASH)
+    async def _pad_verifications(self, password: str, count: int) -> None:
+        for _ in range(count):
+            await self._run_verify(password, self._dummy_hash)
 
     async def _run_verify(self, password: str, key_hash: str) -> bool:
         self.stats.bcrypt_verifications += 1
@@ -476,11 +525,11 @@ class Authenticator:
             self.cache.put(cache_key, result)
         if result.outcome is not AuthOutcome.SUCCESS or result.key_id is None:
             self.stats.failures += 1
-            self.rate_limiter.record_failure(client_ip)
+            self.rate_limiter.record_failure(client_ip, username)
             logger.info("AUTH failed for %r from %s", username, client_ip)
             return AuthResult(outcome=AuthOutcome.FAILED)
         self.stats.successes += 1
-        self.rate_limiter.record_success(client_ip)
+        self.rate_limiter.record_success(client_ip, username)
         if self._last_used is not None:
             self._last_used.enqueue(result.key_id, self._wall_clock())
         logger.info("AUTH succeeded for %r from %s", username, client_ip)

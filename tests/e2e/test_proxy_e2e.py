@@ -29,7 +29,7 @@ PROXIED = (
 )
 LOCKOUT = (
     "Security:RateLimit:MaxFailedAttempts=3",
-    "Security:RateLimit:BaseBackoffDelaySeconds=0",
+    "Security:RateLimit:BaseBackoffDelay=0",
 )
 SESSION_LOG = "relate_smtp.session"
 
@@ -83,19 +83,27 @@ async def test_proxy_header_sets_the_address_the_rate_limiter_sees(
     assert sum(line.startswith("session 203.0.113.8:40000 ") for line in summaries) == 1
 
 
-async def test_proxy_v2_ipv6_client_is_rate_limited_separately(
+async def test_proxy_v2_ipv6_clients_are_rate_limited_per_64(
     tmp_path: Path, store: SqliteStore
 ) -> None:
+    """One IPv6 host can take any address of its /64: failures from one address lock
+    its neighbours out too, while the next /64 is another client."""
     account = await add_account(store, "alice@example.com")
     settings = make_settings(tmp_path, *PROXIED, *LOCKOUT)
     async with running_server(settings, store) as running:
         port = running.port("submission")
         for _ in range(3):
-            code, _ = await auth_from(port, proxy_v2("2001:db8::7"), "alice@example.com", "bad")
+            code, _ = await auth_from(port, proxy_v2("2001:db8:a:b::7"), "alice@example.com", "bad")
             assert code == 535
-        locked = await auth_from(port, proxy_v2("2001:db8::7"), "alice@example.com", account.key)
-        other = await auth_from(port, proxy_v1("2001:db8::8"), "alice@example.com", account.key)
-    assert locked[0] == 454
+        locked = await auth_from(
+            port, proxy_v2("2001:db8:a:b::7"), "alice@example.com", account.key
+        )
+        neighbour = await auth_from(
+            port, proxy_v2("2001:db8:a:b:9:8:7:6"), "alice@example.com", account.key
+        )
+        other = await auth_from(port, proxy_v2("2001:db8:a:c::7"), "alice@example.com", account.key)
+    assert (locked[0], locked[1][:5]) == (454, "4.7.0")
+    assert (neighbour[0], neighbour[1][:5]) == (454, "4.7.0")
     assert other[0] == 235
 
 
@@ -273,6 +281,31 @@ async def test_per_ip_limit_applies_to_the_proxied_address_and_spares_exempt_one
         open_sessions += [await greeted(port, proxy_v1("203.0.113.8")) for _ in range(2)]
         # …and an exempt client is never refused for its address.
         open_sessions += [await greeted(port, proxy_v2("10.1.2.3")) for _ in range(3)]
+        for smtp in open_sessions:
+            await smtp.aclose()
+
+
+async def test_per_ip_limit_counts_an_ipv6_64_as_one_client(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        *PROXIED,
+        "Smtp:MaxConnectionsPerIp=2",
+        "Smtp:ConnectionLimitExemptNetworks:0=2001:db8:1:2::99",
+    )
+    async with running_server(settings, store) as running:
+        port = running.port("submission")
+        open_sessions = [
+            await greeted(port, proxy_v2("2001:db8:1:2::1")),
+            await greeted(port, proxy_v2("2001:db8:1:2::2")),
+        ]
+        # A third address of the same /64 is the same client…
+        await assert_refused(port, proxy_v2("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        # …the next /64 is another one…
+        open_sessions.append(await greeted(port, proxy_v2("2001:db8:1:3::1")))
+        # …and exemption is judged on the address itself, not its /64.
+        open_sessions += [await greeted(port, proxy_v2("2001:db8:1:2::99")) for _ in range(3)]
         for smtp in open_sessions:
             await smtp.aclose()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import statistics
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,13 +33,14 @@ from relate_smtp.handlers.apikeys import (
     verify_api_key,
 )
 from relate_smtp.handlers.auth import (
+    KEYS_VERIFIED_PER_ATTEMPT,
     Authenticator,
     AuthOutcome,
     CachedResult,
     LastUsedUpdater,
     ResultCache,
 )
-from relate_smtp.handlers.ratelimit import RateLimiter
+from relate_smtp.handlers.ratelimit import MAX_LOGINS_PER_IP, RateLimiter
 from relate_smtp.storage import (
     ApiKey,
     NewEmail,
@@ -51,6 +54,8 @@ FAST_COST = 4
 SALT = "test-salt"
 IP = "192.0.2.10"
 OTHER_IP = "198.51.100.7"
+ALICE = "alice@example.com"
+MALLORY = "mallory@example.net"
 CREATED = datetime(2024, 1, 1, tzinfo=UTC)
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -109,6 +114,7 @@ class FakeStore:
         self.users: dict[str, User] = {}
         self.keys: list[ApiKey] = []
         self.calls: Counter[str] = Counter()
+        self.lookups: Counter[str] = Counter()
         self.touched: list[dict[uuid.UUID, datetime]] = []
         self.unavailable = False
         self.touch_unavailable = False
@@ -129,6 +135,8 @@ class FakeStore:
         scopes: str = '["smtp"]',
         legacy: bool = False,
         revoked: bool = False,
+        created: datetime = CREATED,
+        last_used: datetime | None = None,
     ) -> ApiKey:
         key = ApiKey(
             id=uuid.uuid4(),
@@ -137,7 +145,8 @@ class FakeStore:
             key_hash=key_hash if key_hash is not None else hash_api_key(raw, cost=FAST_COST),
             key_prefix=None if legacy else key_prefix(raw),
             scopes=scopes,
-            created_at=CREATED,
+            created_at=created,
+            last_used_at=last_used,
             revoked_at=CREATED if revoked else None,
         )
         self.keys.append(key)
@@ -149,6 +158,7 @@ class FakeStore:
 
     async def find_user_by_address(self, address: str) -> User | None:
         self.calls["find_user_by_address"] += 1
+        self.lookups[address.lower()] += 1
         if self.unavailable:
             raise StoreUnavailable("database down")
         return self.users.get(address.lower())
@@ -191,7 +201,7 @@ def security(
     *,
     salt: str = SALT,
     max_failed_attempts: int = 5,
-    lockout_window_minutes: float = 15.0,
+    window: float = 900.0,
     base: float = 1.0,
     cap: float = 30.0,
 ) -> SecuritySettings:
@@ -199,7 +209,7 @@ def security(
         authentication_salt=salt,
         rate_limit=RateLimitSettings(
             max_failed_attempts=max_failed_attempts,
-            lockout_window_minutes=lockout_window_minutes,
+            lockout_window_seconds=window,
             base_backoff_delay_seconds=base,
             max_backoff_delay_seconds=cap,
         ),
@@ -374,7 +384,7 @@ def test_backoff_doubles_per_failure_up_to_the_cap() -> None:
     limiter = make_limiter(clock, max_failed_attempts=100)
     waits = []
     for _ in range(8):
-        limiter.record_failure(IP)
+        limiter.record_failure(IP, ALICE)
         waits.append(limiter.retry_after(IP))
         clock.advance(limiter.retry_after(IP) or 0.0)
         assert limiter.retry_after(IP) is None
@@ -391,7 +401,7 @@ def test_backoff_scales_with_the_configured_base() -> None:
 def test_other_ips_are_not_affected() -> None:
     clock = FakeClock()
     limiter = make_limiter(clock)
-    limiter.record_failure(IP)
+    limiter.record_failure(IP, ALICE)
     assert limiter.retry_after(IP) == 1.0
     assert limiter.retry_after(OTHER_IP) is None
 
@@ -405,19 +415,19 @@ def fail_with_backoffs(
     """
     for n in range(already + 1, already + count + 1):
         assert limiter.retry_after(IP) is None
-        limiter.record_failure(IP)
+        limiter.record_failure(IP, ALICE)
         if n < already + count:
             clock.advance(limiter.backoff_delay(n))
 
 
 def test_lockout_after_max_failed_attempts_lasts_until_the_window_ends() -> None:
     clock = FakeClock()
-    limiter = make_limiter(clock, max_failed_attempts=5, lockout_window_minutes=15)
+    limiter = make_limiter(clock, max_failed_attempts=5, window=900)
     start = clock.now
     fail_with_backoffs(limiter, clock, 4)
     clock.advance(limiter.backoff_delay(4))
     assert limiter.retry_after(IP) is None  # four failures: only backoff so far
-    limiter.record_failure(IP)  # the fifth, at start + 15 s
+    limiter.record_failure(IP, ALICE)  # the fifth, at start + 15 s
     assert limiter.retry_after(IP) == pytest.approx(start + 900 - clock.now)
     clock.advance(31)  # past any backoff
     assert limiter.retry_after(IP) is not None
@@ -425,15 +435,15 @@ def test_lockout_after_max_failed_attempts_lasts_until_the_window_ends() -> None
     assert limiter.retry_after(IP) == pytest.approx(0.1)
     clock.now = start + 900
     assert limiter.retry_after(IP) is None
-    limiter.record_failure(IP)  # a new window: backoff 1 s again, no lockout
+    limiter.record_failure(IP, ALICE)  # a new window: backoff 1 s again, no lockout
     assert limiter.retry_after(IP) == 1.0
 
 
 def test_lockout_window_is_counted_from_the_first_failure() -> None:
     clock = FakeClock()
-    limiter = make_limiter(clock, max_failed_attempts=5, lockout_window_minutes=15)
+    limiter = make_limiter(clock, max_failed_attempts=5, window=900)
     start = clock.now
-    limiter.record_failure(IP)
+    limiter.record_failure(IP, ALICE)
     clock.advance(600)
     fail_with_backoffs(limiter, clock, 4, already=1)  # waits 2 + 4 + 8 s between them
     assert clock.now == start + 614
@@ -443,32 +453,115 @@ def test_lockout_window_is_counted_from_the_first_failure() -> None:
 
 def test_failures_in_different_windows_do_not_add_up() -> None:
     clock = FakeClock()
-    limiter = make_limiter(clock, max_failed_attempts=5, lockout_window_minutes=15)
+    limiter = make_limiter(clock, max_failed_attempts=5, window=900)
     fail_with_backoffs(limiter, clock, 4)
     clock.advance(900)
     fail_with_backoffs(limiter, clock, 4)
     clock.advance(limiter.backoff_delay(4))
     assert limiter.retry_after(IP) is None
-    limiter.record_failure(IP)
+    limiter.record_failure(IP, ALICE)
     assert limiter.retry_after(IP) == pytest.approx(900 - 15)
 
 
-def test_success_clears_the_ips_failures() -> None:
+def test_success_clears_the_failures_at_its_own_login() -> None:
     clock = FakeClock()
     limiter = make_limiter(clock)
     fail_with_backoffs(limiter, clock, 3)
     assert limiter.retry_after(IP) == 4.0
-    limiter.record_success(IP)
+    limiter.record_success(IP, "Alice@Example.COM")  # logins match case-insensitively
     assert limiter.retry_after(IP) is None
-    limiter.record_failure(IP)
+    assert len(limiter) == 0
+    limiter.record_failure(IP, ALICE)
     assert limiter.retry_after(IP) == 1.0
+
+
+def test_success_leaves_the_failures_at_other_logins_counted() -> None:
+    clock = FakeClock()
+    limiter = make_limiter(clock)
+    limiter.record_failure(IP, ALICE)
+    clock.advance(1)
+    limiter.record_failure(IP, MALLORY)
+    clock.advance(2)
+    limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) == 4.0  # three failures in the IP's bucket
+    limiter.record_success(IP, MALLORY)
+    # Two left, both at alice: the backoff of two failures, from the last failure.
+    assert limiter.retry_after(IP) == 2.0
+    limiter.record_success(IP, "bob@example.com")  # no failures at bob: changes nothing
+    assert limiter.retry_after(IP) == 2.0
+
+
+def test_successes_between_guesses_do_not_delay_the_lockout() -> None:
+    clock = FakeClock()
+    limiter = make_limiter(clock, max_failed_attempts=5, window=900)
+    start = clock.now
+    for n in range(1, 6):
+        assert limiter.retry_after(IP) is None
+        assert limiter.reserve(IP)
+        limiter.release(IP)
+        limiter.record_failure(IP, ALICE)
+        clock.advance(limiter.backoff_delay(n))
+        limiter.record_success(IP, MALLORY)
+    assert not limiter.reserve(IP)
+    assert limiter.retry_after(IP) == pytest.approx(start + 900 - clock.now)
+
+
+def test_failures_at_too_many_logins_are_cleared_by_no_success() -> None:
+    clock = FakeClock()
+    limiter = make_limiter(clock, max_failed_attempts=100, base=0.0)
+    logins = [f"user{n}@example.com" for n in range(MAX_LOGINS_PER_IP + 3)]
+    for login in logins:
+        limiter.record_failure(IP, login)
+    for login in logins:
+        limiter.record_success(IP, login)
+    # The logins past the cap were noted against none, so their failures stay.
+    assert len(limiter) == 1
+    for _ in range(96):
+        limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) is None  # 99 failures: 3 left over + 96
+    limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) is not None  # the 100th locks the IP out
+
+
+@pytest.mark.parametrize(
+    ("ip", "neighbour", "stranger"),
+    [
+        ("2001:db8:1:2::7", "2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:3::7"),
+        ("192.0.2.10", "::ffff:192.0.2.10", "192.0.2.11"),
+    ],
+)
+def test_ipv6_clients_are_limited_per_64_and_ipv4_per_address(
+    ip: str, neighbour: str, stranger: str
+) -> None:
+    clock = FakeClock()
+    limiter = make_limiter(clock, max_failed_attempts=2)
+    limiter.record_failure(ip, ALICE)
+    clock.advance(1)
+    limiter.record_failure(neighbour, ALICE)
+    assert limiter.retry_after(ip) == pytest.approx(900 - 1)  # locked: two in one bucket
+    assert limiter.retry_after(neighbour) == pytest.approx(900 - 1)
+    assert limiter.retry_after(stranger) is None
+    assert limiter.reserve(stranger)
+    assert len(limiter) == 1
+
+
+def test_the_ipv6_prefix_length_is_configurable() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(security().rate_limit, clock=clock, ipv6_prefix_length=128)
+    limiter.record_failure("2001:db8::7", ALICE)
+    assert limiter.retry_after("2001:db8::7") == 1.0
+    assert limiter.retry_after("2001:db8::8") is None
+    wide = RateLimiter(security().rate_limit, clock=clock, ipv6_prefix_length=48)
+    wide.record_failure("2001:db8:0:1::7", ALICE)
+    assert wide.retry_after("2001:db8:0:ffff::1") == 1.0
+    assert wide.retry_after("2001:db8:1::1") is None
 
 
 def test_tracked_ips_are_capped_oldest_first() -> None:
     clock = FakeClock()
     limiter = RateLimiter(security().rate_limit, clock=clock, max_tracked_ips=3)
     for i in range(5):
-        limiter.record_failure(f"203.0.113.{i}")
+        limiter.record_failure(f"203.0.113.{i}", ALICE)
         clock.advance(0.01)
     assert len(limiter) == 3
     assert limiter.retry_after("203.0.113.0") is None
@@ -478,13 +571,139 @@ def test_tracked_ips_are_capped_oldest_first() -> None:
 
 def test_expired_entries_are_dropped() -> None:
     clock = FakeClock()
-    limiter = make_limiter(clock, lockout_window_minutes=1)
+    limiter = make_limiter(clock, window=60)
     for i in range(100):
-        limiter.record_failure(f"203.0.113.{i}")
+        limiter.record_failure(f"203.0.113.{i}", ALICE)
     assert len(limiter) == 100
     clock.advance(60)
-    limiter.record_failure(OTHER_IP)
+    limiter.record_failure(OTHER_IP, ALICE)
     assert len(limiter) == 1
+
+
+# The original's CheckRateLimit at its boundaries: Max 3, window 100 s, backoff 1 s
+# doubling up to 30 s, unless a test says otherwise.
+
+
+def original_limiter(clock: FakeClock, **kwargs: Any) -> RateLimiter:
+    settings = {"max_failed_attempts": 3, "window": 100.0, "base": 1.0, "cap": 30.0, **kwargs}
+    return make_limiter(clock, **settings)
+
+
+def fail_at(limiter: RateLimiter, clock: FakeClock, start: float, *offsets: float) -> None:
+    for offset in offsets:
+        clock.now = start + offset
+        limiter.record_failure(IP, ALICE)
+
+
+def test_max_minus_one_failures_only_back_off() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 1)  # two failures: backoff 2 s from the last
+    assert limiter.retry_after(IP) == 2.0
+    clock.now = start + 2.999
+    assert limiter.retry_after(IP) == pytest.approx(0.001)
+    clock.now = start + 3
+    assert limiter.retry_after(IP) is None
+    assert limiter.reserve(IP)  # one more may be verified, not two: the third locks
+    assert not limiter.reserve(IP)
+
+
+def test_the_max_th_failure_locks_until_first_failure_plus_window() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 1, 3)
+    assert limiter.retry_after(IP) == pytest.approx(97.0)
+    assert not limiter.reserve(IP)
+    clock.now = start + 99.999
+    assert limiter.retry_after(IP) == pytest.approx(0.001)
+    clock.now = start + 100
+    assert limiter.retry_after(IP) is None
+    assert len(limiter) == 0  # the lockout is over: forgotten, count and all
+    limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) == 1.0  # a first failure again
+
+
+def test_the_end_of_a_lockout_ignores_the_backoff() -> None:
+    """Locked at 3 s until 4 s; the third failure's backoff (4 s from 3 s, so until 7 s)
+    does not extend it."""
+    clock = FakeClock()
+    limiter = original_limiter(clock, window=4.0)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 1, 3)
+    assert limiter.retry_after(IP) == pytest.approx(1.0)
+    clock.now = start + 4
+    assert limiter.retry_after(IP) is None
+
+
+def test_the_failure_record_expires_a_window_after_the_last_failure() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 60)
+    clock.now = start + 159.999  # 100 s after the last failure, not the first
+    limiter.record_failure(IP, ALICE)  # still the same record: the third failure
+    assert len(limiter) == 1
+    # Locked? No: the window from the first failure has passed, so reaching Max forgets.
+    assert limiter.retry_after(IP) is None
+    assert len(limiter) == 0
+    fail_at(limiter, clock, start, 200, 250)
+    clock.now = start + 350  # exactly a window after the last failure: expired
+    limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) == 1.0  # a first failure again
+
+
+def test_the_max_th_failure_just_inside_the_window_locks() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock, base=0.0)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 60, 99.5)
+    assert limiter.retry_after(IP) == pytest.approx(0.5)
+
+
+def test_a_record_past_its_first_window_reserves_like_a_new_client() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock, base=0.0)
+    start = clock.now
+    fail_at(limiter, clock, start, 0, 60)
+    clock.now = start + 100  # two failures live, but they can no longer lock
+    assert [limiter.reserve(IP) for _ in range(4)] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("max_failed_attempts", [1, 0, -5])
+def test_max_failed_attempts_of_one_or_less_locks_at_the_first_failure(
+    max_failed_attempts: int,
+) -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock, max_failed_attempts=max_failed_attempts)
+    assert limiter.reserve(IP)
+    assert not limiter.reserve(IP)  # one verification at a time
+    limiter.release(IP)
+    limiter.record_failure(IP, ALICE)
+    assert limiter.retry_after(IP) == 100.0
+    assert not limiter.reserve(IP)
+
+
+def test_backoff_doubles_from_the_last_failure_and_stops_at_the_cap() -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock, max_failed_attempts=100, base=0.25, cap=3.0)
+    for n, delay in enumerate([0.25, 0.5, 1.0, 2.0, 3.0, 3.0], start=1):
+        limiter.record_failure(IP, ALICE)
+        last = clock.now
+        assert limiter.retry_after(IP) == delay, n
+        clock.now = last + delay - 0.001
+        assert limiter.retry_after(IP) == pytest.approx(0.001)
+        clock.now = last + delay
+        assert limiter.retry_after(IP) is None
+
+
+@pytest.mark.parametrize(("base", "cap"), [(0.0, 30.0), (-1.0, 30.0), (1.0, 0.0), (1.0, -1.0)])
+def test_a_backoff_of_zero_or_less_is_no_wait(base: float, cap: float) -> None:
+    clock = FakeClock()
+    limiter = original_limiter(clock, base=base, cap=cap)
+    fail_at(limiter, clock, clock.now, 0, 0)
+    assert limiter.retry_after(IP) is None
 
 
 # --- authenticator ------------------------------------------------------------------
@@ -664,7 +883,7 @@ async def test_other_ips_are_not_blocked() -> None:
 
 
 async def test_lockout_after_repeated_failures() -> None:
-    h = Harness(security(max_failed_attempts=3, lockout_window_minutes=15))
+    h = Harness(security(max_failed_attempts=3, window=900))
     for attempt in range(3):
         assert await h.login(password=f"wrong {attempt}") is AuthOutcome.FAILED
         h.clock.advance(h.auth.rate_limiter.backoff_delay(attempt + 1))
@@ -681,6 +900,143 @@ async def test_success_clears_failures() -> None:
     assert await h.login() is AuthOutcome.SUCCESS
     assert await h.login(password="wrong again") is AuthOutcome.FAILED
     assert h.auth.rate_limiter.retry_after(IP) == 1.0
+
+
+async def test_logins_to_ones_own_account_do_not_launder_guesses_at_another() -> None:
+    """For 40 s, one IP alternates a wrong guess at alice with a correct login to its
+    own account, each as soon as the limiter lets it. Had a success cleared the IP's
+    failures, every guess would wait only 1 s: about 35 of them."""
+    h = Harness()  # 5 failures per 15 min, backoff from 1 s doubling
+    mallory = h.store.add_user(MALLORY)
+    mallory_key = generate_api_key()
+    h.store.add_key(mallory, mallory_key)
+    start = h.clock.now
+    guesses = own_logins = 0
+    while h.clock.now < start + 40:
+        at_alice = guesses == own_logins
+        username, password = (ALICE, f"guess-{guesses}") if at_alice else (MALLORY, mallory_key)
+        result = await h.auth.authenticate(username, password, IP)
+        if result.outcome is AuthOutcome.BLOCKED:
+            h.clock.advance(min(result.retry_after or 1.0, 1.0))  # try again within 1 s
+            continue
+        assert result.outcome is (AuthOutcome.FAILED if at_alice else AuthOutcome.SUCCESS)
+        guesses, own_logins = (guesses + 1, own_logins) if at_alice else (guesses, own_logins + 1)
+        h.clock.advance(0.1)
+    assert h.store.lookups[ALICE] == 5  # guesses that reached the database and bcrypt
+    assert h.auth.stats.failures == 5
+    assert await h.login(password="one more guess") is AuthOutcome.BLOCKED
+    assert await h.login(MALLORY, mallory_key) is AuthOutcome.BLOCKED  # the IP is locked
+    assert await h.login(ip=OTHER_IP) is AuthOutcome.SUCCESS
+
+
+async def test_neighbours_in_one_ipv6_64_share_their_failures() -> None:
+    h = Harness(security(max_failed_attempts=2))
+    assert await h.login(password="wrong", ip="2001:db8:5:6::1") is AuthOutcome.FAILED
+    h.clock.advance(1)
+    assert await h.login(password="wrong", ip="2001:db8:5:6::2") is AuthOutcome.FAILED
+    assert await h.login(ip="2001:db8:5:6:ffff::3") is AuthOutcome.BLOCKED
+    assert await h.login(ip="2001:db8:5:7::1") is AuthOutcome.SUCCESS
+
+
+async def test_the_authenticator_passes_its_ipv6_prefix_length_on() -> None:
+    store = FakeStore()
+    auth = Authenticator(store, security(max_failed_attempts=1), ipv6_prefix_length=128)
+    result = await auth.authenticate("nobody@example.com", "wrong", "2001:db8::1")
+    assert result.outcome is AuthOutcome.FAILED
+    assert auth.rate_limiter.retry_after("2001:db8::1") is not None
+    assert auth.rate_limiter.retry_after("2001:db8::2") is None
+
+
+def add_older_keys(store: FakeStore, user: User, count: int, **kwargs: Any) -> list[ApiKey]:
+    return [store.add_key(user, f"older-key-{n}", legacy=True, **kwargs) for n in range(count)]
+
+
+async def test_a_refusal_costs_the_same_bcrypt_work_whatever_the_account() -> None:
+    h = Harness()
+    older = h.store.add_user("older@example.com")
+    add_older_keys(h.store, older, 3)
+    both = h.store.add_user("both@example.com")
+    both_raw = generate_api_key()
+    h.store.add_key(both, both_raw)
+    add_older_keys(h.store, both, 2)
+    no_smtp = h.store.add_user("nosmtp@example.com")
+    h.store.add_key(no_smtp, generate_api_key(), scopes='["api"]')
+    attempts = {
+        "unknown user": ("nobody@example.com", "wrong"),
+        "prefixed key, prefix matches": (ALICE, h.raw[:12] + "wrong"),
+        "prefixed key, prefix differs": (ALICE, "wrong"),
+        "three older keys": ("older@example.com", "wrong"),
+        "older and prefixed keys": ("both@example.com", both_raw[:12] + "wrong"),
+        "no smtp key": ("nosmtp@example.com", "wrong"),
+    }
+    verifications = {}
+    for n, (case, (username, password)) in enumerate(attempts.items()):
+        before = h.verify.calls
+        assert await h.login(username, password, f"203.0.113.{n}") is AuthOutcome.FAILED
+        verifications[case] = h.verify.calls - before
+    assert verifications == dict.fromkeys(attempts, KEYS_VERIFIED_PER_ATTEMPT)
+
+
+async def test_the_most_recently_used_older_key_is_the_one_tried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.store.keys.clear()
+    used_long_ago, used_lately, never_used = (
+        h.store.add_key(h.alice, f"older-key-{n}", legacy=True, last_used=last_used)
+        for n, last_used in enumerate((NOW - timedelta(days=300), NOW, None))
+    )
+    assert await h.login(password="older-key-1") is AuthOutcome.SUCCESS
+    assert h.verify.hashes == [used_lately.key_hash]
+    # The price of a fixed cost per attempt: the other older keys are not checked.
+    with caplog.at_level(logging.WARNING, logger="relate_smtp.auth"):
+        assert await h.login(password="older-key-0", ip=OTHER_IP) is AuthOutcome.FAILED
+    assert h.verify.hashes == [used_lately.key_hash, used_lately.key_hash]
+    assert used_long_ago.key_hash not in h.verify.hashes
+    assert never_used.key_hash not in h.verify.hashes
+    assert "2 older keys without KeyPrefix were not checked" in caplog.text
+    assert "older-key-0" not in caplog.text
+
+
+async def test_without_use_the_newest_older_key_is_tried() -> None:
+    h = Harness()
+    h.store.keys.clear()
+    for n in range(3):
+        h.store.add_key(h.alice, f"older-key-{n}", legacy=True, created=CREATED + timedelta(n))
+    assert await h.login(password="older-key-2") is AuthOutcome.SUCCESS
+    assert await h.login(password="older-key-0", ip=OTHER_IP) is AuthOutcome.FAILED
+
+
+async def test_refusal_time_does_not_depend_on_the_account() -> None:
+    """Medians of real bcrypt runs at a low cost, the three cases interleaved so that
+    machine noise hits them alike. Checking every older key took about 3x as long."""
+    cost = 6
+    store = FakeStore()
+    prefixed = store.add_user("prefixed@example.com")
+    raw = generate_api_key()
+    store.add_key(prefixed, raw, key_hash=hash_api_key(raw, cost=cost))
+    older = store.add_user("older@example.com")
+    for n in range(3):
+        store.add_key(older, f"k{n}", key_hash=hash_api_key(f"k{n}", cost=cost), legacy=True)
+    auth = Authenticator(
+        store,
+        security(max_failed_attempts=1_000_000, base=0.0, cap=0.0),
+        dummy_hash=hash_api_key(generate_api_key(), cost=cost),
+    )
+    cases = {
+        "unknown user": ("nobody@example.com", ""),
+        "prefixed key": ("prefixed@example.com", raw[:12]),
+        "three older keys": ("older@example.com", ""),
+    }
+    samples: dict[str, list[float]] = {case: [] for case in cases}
+    for n in range(15):
+        for case, (username, start_of_password) in cases.items():
+            started = time.perf_counter()
+            result = await auth.authenticate(username, f"{start_of_password}wrong-{n}", IP)
+            samples[case].append(time.perf_counter() - started)
+            assert result.outcome is AuthOutcome.FAILED
+    medians = {case: statistics.median(times) for case, times in samples.items()}
+    assert max(medians.values()) < 2 * min(medians.values()), medians
 
 
 async def test_store_failure_is_temporary_and_neither_counted_nor_cached(

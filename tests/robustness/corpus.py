@@ -40,8 +40,8 @@ CORPUS_SETTINGS = (
     f"Smtp:MaxMessageSizeBytes={MAX_MESSAGE_SIZE}",
     f"Smtp:MaxRecipients={MAX_RECIPIENTS}",
     f"Smtp:MaxErrors={MAX_ERRORS}",
-    "Security:RateLimit:BaseBackoffDelaySeconds=0.01",
-    "Security:RateLimit:MaxBackoffDelaySeconds=0.01",
+    "Security:RateLimit:BaseBackoffDelay=00:00:00.01",
+    "Security:RateLimit:MaxBackoffDelay=00:00:00.01",
     "Security:RateLimit:MaxFailedAttempts=1000000",
 )
 
