@@ -1,21 +1,36 @@
 """End of data: parse, store in one transaction, answer, then notify (SPEC §5, §6).
 
-Content problems never cause a temporary failure; only a failure to commit does, and
-then nothing partial is stored and the sender is asked to retry (451 4.3.0).
+Content problems never cause a temporary failure; only a failure to commit does (then
+nothing partial is stored and the sender is asked to retry, 451 4.3.0), or a parse that
+passes its CPU or memory limit. A structure past the MIME limits is refused (554 5.6.0).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
-import trio
-
-from relate_smtp.handlers.message import AttachmentTooLarge, build_email, looks_large
-from relate_smtp.protocol import ATTACHMENT_TOO_BIG, LOCAL_ERROR, Reply, message_accepted
+from relate_smtp.handlers.budget import BudgetWaitTooLong, MemoryBudget
+from relate_smtp.handlers.message import AttachmentTooLarge, MimeLimitExceeded, looks_large
+from relate_smtp.handlers.parsing import (
+    MessageParser,
+    ParseTooCostly,
+    SpooledMessage,
+    message_size,
+)
+from relate_smtp.protocol import (
+    ATTACHMENT_TOO_BIG,
+    INSUFFICIENT_RESOURCES,
+    LOCAL_ERROR,
+    MESSAGE_TOO_COMPLEX_NOW,
+    Reply,
+    message_accepted,
+    mime_limit_exceeded,
+)
 from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.storage import NewEmail, SavedEmail, Store, StoreUnavailable
 
@@ -35,35 +50,68 @@ class MessageDelivery:
         self,
         store: Store,
         *,
-        max_attachment_size: int,
+        parser: MessageParser,
         discard: bool,
         metrics: Metrics,
+        budget: MemoryBudget | None = None,
         listener: NewMailListener | None = None,
-        parse_limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self._store = store
-        self._max_attachment_size = max_attachment_size
+        self._parser = parser
         self._discard = discard
         self._metrics = metrics
+        self._budget = budget
         self._listener = listener
-        self._parse_limiter = parse_limiter or trio.CapacityLimiter(2)
 
     async def deliver(
         self,
-        raw: bytes,
+        message: bytes | SpooledMessage,
         *,
         envelope_recipients: Sequence[str],
         sent_by_user_id: uuid.UUID | None,
+        wait_limit: float = math.inf,
     ) -> Reply:
-        """Store the message and return the final reply for the client."""
+        """Store the message and return the final reply for the client.
+
+        A large message first holds its share of the memory budget (twice its size: the
+        record and the copy it arrives in from the worker) until it is stored, waiting
+        at most ``wait_limit`` seconds for room.
+        """
         if self._discard:
             return message_accepted(uuid.uuid4().hex)
+        size = message_size(message)
+        if self._budget is None or not looks_large(size):
+            return await self._parse_and_store(message, envelope_recipients, sent_by_user_id)
         try:
-            email = await self._build(raw, envelope_recipients, sent_by_user_id)
+            async with self._budget.hold(2 * size, timeout=wait_limit):
+                return await self._parse_and_store(message, envelope_recipients, sent_by_user_id)
+        except BudgetWaitTooLong as exc:
+            log.warning("message deferred: %s", exc)
+            self._metrics.reject("memory_budget")
+            return INSUFFICIENT_RESOURCES
+
+    async def _parse_and_store(
+        self,
+        message: bytes | SpooledMessage,
+        envelope_recipients: Sequence[str],
+        sent_by_user_id: uuid.UUID | None,
+    ) -> Reply:
+        try:
+            email = await self._parser.parse(
+                message, envelope_recipients=envelope_recipients, sent_by_user_id=sent_by_user_id
+            )
         except AttachmentTooLarge as exc:
             log.info("message refused: %s", exc)
             self._metrics.reject("attachment_too_big")
             return ATTACHMENT_TOO_BIG
+        except MimeLimitExceeded as exc:
+            log.info("message refused: %s", exc.what)
+            self._metrics.reject("mime_limit")
+            return mime_limit_exceeded(exc.what)
+        except ParseTooCostly as exc:
+            log.warning("message deferred: %s", exc)
+            self._metrics.reject("parse_limit")
+            return MESSAGE_TOO_COMPLEX_NOW
         started = time.perf_counter()
         try:
             saved = await self._store.save_email(email)
@@ -80,18 +128,3 @@ class MessageDelivery:
         if self._listener is not None:
             self._listener.message_stored(email, saved)
         return message_accepted(str(saved.id))
-
-    async def _build(
-        self, raw: bytes, envelope: Sequence[str], sent_by: uuid.UUID | None
-    ) -> NewEmail:
-        def build() -> NewEmail:
-            return build_email(
-                raw,
-                envelope_recipients=envelope,
-                sent_by_user_id=sent_by,
-                max_attachment_size=self._max_attachment_size,
-            )
-
-        if looks_large(len(raw)):
-            return await trio.to_thread.run_sync(build, limiter=self._parse_limiter)
-        return build()

@@ -63,6 +63,30 @@ class Metrics:
             registry=r,
         )
 
+        self.buffer_budget = Gauge(
+            "smtp_buffer_budget_bytes",
+            "Smtp:MaxBufferedBytes: memory large messages may hold while parsed and stored",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.buffer_held = Gauge(
+            "smtp_buffer_held_bytes",
+            "Bytes of the buffer budget held by messages being parsed and stored",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.buffer_waiting = Gauge(
+            "smtp_buffer_waiting_bytes",
+            "Bytes of messages waiting for room in the buffer budget",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    def buffer_changed(self, held: int, waiting: int) -> None:
+        """The memory budget's figures, as ``MemoryBudget`` reports them."""
+        self.safely(lambda: self.buffer_held.set(held))
+        self.safely(lambda: self.buffer_waiting.set(waiting))
+
     def safely(self, update: Callable[[], object]) -> None:
         """Apply one metric update; log and swallow any failure."""
         try:

@@ -24,6 +24,7 @@ from relate_smtp.protocol import (
     AUTH_FAILED,
     AUTH_TEMPORARY_FAILURE,
     DATA_TOO_SLOW,
+    INSUFFICIENT_RESOURCES,
     INTERNAL_ERROR,
     LOCAL_ERROR,
     SHUTTING_DOWN,
@@ -48,6 +49,7 @@ from relate_smtp.protocol import (
 )
 from relate_smtp.runtime import tls
 from relate_smtp.runtime.metrics import Metrics
+from relate_smtp.runtime.spool import DEFAULT_SPOOL_THRESHOLD, MessageBuffer, Spool
 from relate_smtp.storage import Store, StoreError
 
 log = logging.getLogger("relate_smtp.session")
@@ -93,6 +95,7 @@ class Services:
     metrics: Metrics
     timeouts: Timeouts
     tls_context: Callable[[], ssl.SSLContext | None]
+    spool: Spool = attrs.field(factory=lambda: Spool(None, threshold=DEFAULT_SPOOL_THRESHOLD))
 
 
 class Session:
@@ -100,8 +103,8 @@ class Session:
 
     # Slots: thousands of idle sessions are held at once, and a dict each costs more.
     __slots__ = (
+        "_buffer",
         "_bytes",
-        "_chunks",
         "_client_ip",
         "_client_port",
         "_clock",
@@ -147,7 +150,7 @@ class Session:
         self._principal: Principal | None = None
         self._user_addresses: tuple[str, ...] | None = None
         self._recipients: list[str] = []
-        self._chunks: list[bytes] = []
+        self._buffer: MessageBuffer | None = None
         self._tls = listener.implicit_tls
         self._messages = 0
         self._bytes = 0
@@ -194,6 +197,7 @@ class Session:
             log.exception("session from %s failed", self._client_ip)
             await self._try_abort(INTERNAL_ERROR)
         finally:
+            self._discard_message()
             await _close_now(self._stream)
             metrics.safely(metrics.active_connections.dec)
             self._log_summary()
@@ -215,7 +219,8 @@ class Session:
         else:
             self._outcome = "timeout"
             log.info("timeout from %s", self._client_ip)
-            conn.abort(DATA_TOO_SLOW if conn.in_message and self._chunks else TIMEOUT)
+            receiving = self._buffer is not None and self._buffer.size > 0
+            conn.abort(DATA_TOO_SLOW if conn.in_message and receiving else TIMEOUT)
         with trio.move_on_after(self._timeouts.tls_handshake):
             await self._stream.send_all(conn.data_to_send())
 
@@ -252,14 +257,16 @@ class Session:
                     else:
                         conn.accept()
                 case MessageStart():
-                    self._chunks = []
+                    self._discard_message()
+                    self._buffer = self._services.spool.buffer()
                     self._data_budget = self._timeouts.data
                 case MessageChunk():
-                    self._chunks.append(event.data)
+                    if self._buffer is not None:
+                        self._buffer.append(event.data)
                 case MessageEnd():
                     await self._message_end(conn, event.size)
                 case MessageAborted():
-                    self._chunks = []
+                    self._discard_message()
                     self._services.metrics.reject("message_aborted")
                 case Reset():
                     self._reset_transaction()
@@ -451,14 +458,21 @@ class Session:
         self._pause_clock()
         services = self._services
         metrics = services.metrics
-        raw = b"".join(self._chunks)
-        self._chunks = []
+        buffer, self._buffer = self._buffer, None
         started = trio.current_time()
-        reply = await services.delivery.deliver(
-            raw,
-            envelope_recipients=tuple(self._recipients),
-            sent_by_user_id=self._principal.user_id if self._principal else None,
-        )
+        try:
+            if buffer is None or buffer.failed:
+                reply = INSUFFICIENT_RESOURCES
+            else:
+                reply = await services.delivery.deliver(
+                    buffer.finish(),
+                    envelope_recipients=tuple(self._recipients),
+                    sent_by_user_id=self._principal.user_id if self._principal else None,
+                    wait_limit=self._timeouts.data,
+                )
+        finally:
+            if buffer is not None:
+                buffer.discard()
         elapsed = trio.current_time() - started
         metrics.safely(lambda: metrics.processing_duration.observe(elapsed))
         self._recipients = []
@@ -473,7 +487,13 @@ class Session:
 
     def _reset_transaction(self) -> None:
         self._recipients = []
-        self._chunks = []
+        self._discard_message()
+
+    def _discard_message(self) -> None:
+        """Forget the message being received, and remove its spool file if it has one."""
+        if self._buffer is not None:
+            self._buffer.discard()
+            self._buffer = None
 
     def _log_summary(self) -> None:
         user = self._principal.address if self._principal else "-"
