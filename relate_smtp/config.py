@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from relate_smtp.handlers.limits import MimeLimits, ParseLimits
+from relate_smtp.timespan import TICKS_PER_SECOND, TimeSpanError, parse_timespan
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -26,6 +29,14 @@ class MxSettings:
     port: int = 25
     hosted_domains: tuple[str, ...] = ()  # lower-case, no trailing dot
     validate_recipients: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class MimeSettings:
+    """``Smtp:Mime:*``: what parsing one message may cost (defaults in the limit records)."""
+
+    limits: MimeLimits = MimeLimits()
+    parse: ParseLimits = ParseLimits()
 
 
 @attrs.frozen(kw_only=True)
@@ -55,20 +66,30 @@ class SmtpSettings:
     tls_handshake_timeout_seconds: float = 30.0
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # Per-client limits count an IPv6 client by this prefix: a site gets a /64 (RFC 6177).
+    client_ipv6_prefix_length: int = 64
     connection_limit_exempt_networks: tuple[IPNetwork, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
     shutdown_timeout_seconds: float = 20.0
     restrict_sender_to_login: bool = False
+    # A message beyond this goes to a spool file as it arrives (runtime/spool.py).
+    spool_threshold_bytes: int = 1024 * 1024
+    # Memory that parsing and storing large messages may hold at once (handlers/budget.py).
+    max_buffered_bytes: int = 256 * 1024 * 1024
     mx: MxSettings = MxSettings()
+    mime: MimeSettings = MimeSettings()
     proxy_protocol: ProxyProtocolSettings = ProxyProtocolSettings()
 
 
 @attrs.frozen(kw_only=True)
 class RateLimitSettings:
+    """The original's ``AuthenticationRateLimitOptions``; the three delays are its
+    TimeSpans, in seconds."""
+
     max_failed_attempts: int = 5
-    lockout_window_minutes: float = 15.0
+    lockout_window_seconds: float = 900.0
     base_backoff_delay_seconds: float = 1.0
     max_backoff_delay_seconds: float = 30.0
 
@@ -83,6 +104,7 @@ class SecuritySettings:
 class StorageSettings:
     sqlite_path: str = "relate-smtp.db"
     discard_messages: bool = False
+    spool_path: str | None = None  # None: the system's temporary directory
 
 
 @attrs.frozen(kw_only=True)
@@ -95,9 +117,9 @@ class ApiSettings:
 class HealthCheckSettings:
     url: str = "http://localhost:8081"
     dns_mx_domain: str = "gmail.com"
-    # Derived from ``url`` when loading: "+" / "*" mean all interfaces.
-    host: str = "localhost"
-    port: int = 8081
+    # Derived from ``url`` when loading, one (host, port) per URL: host ``::`` is every
+    # interface of both families, ``localhost`` both loopbacks, else one IP address.
+    endpoints: tuple[tuple[str, int], ...] = (("localhost", 8081),)
 
 
 @attrs.frozen(kw_only=True)
@@ -148,13 +170,22 @@ KNOWN_KEYS: Final[tuple[str, ...]] = (
     "Smtp:TlsHandshakeTimeoutSeconds",
     "Smtp:MaxConnections",
     "Smtp:MaxConnectionsPerIp",
+    "Smtp:ClientIpv6PrefixLength",
     "Smtp:ConnectionLimitExemptNetworks",
     "Smtp:ShutdownTimeoutSeconds",
     "Smtp:RestrictSenderToLogin",
+    "Smtp:SpoolThresholdBytes",
+    "Smtp:MaxBufferedBytes",
     "Smtp:Mx:Enabled",
     "Smtp:Mx:Port",
     "Smtp:Mx:HostedDomains",
     "Smtp:Mx:ValidateRecipients",
+    "Smtp:Mime:MaxParts",
+    "Smtp:Mime:MaxNestingDepth",
+    "Smtp:Mime:MaxHeaderBytes",
+    "Smtp:Mime:MaxHeaderRecipients",
+    "Smtp:Mime:ParseCpuSeconds",
+    "Smtp:Mime:ParseMemoryBytes",
     "Smtp:ProxyProtocol:Listeners",
     "Smtp:ProxyProtocol:TrustedNetworks",
     "ConnectionStrings:DefaultConnection",
@@ -165,11 +196,12 @@ KNOWN_KEYS: Final[tuple[str, ...]] = (
     "Internal:ApiKey",
     "Security:AuthenticationSalt",
     "Security:RateLimit:MaxFailedAttempts",
-    "Security:RateLimit:LockoutWindowMinutes",
-    "Security:RateLimit:BaseBackoffDelaySeconds",
-    "Security:RateLimit:MaxBackoffDelaySeconds",
+    "Security:RateLimit:LockoutWindow",
+    "Security:RateLimit:BaseBackoffDelay",
+    "Security:RateLimit:MaxBackoffDelay",
     "Storage:SqlitePath",
     "Storage:DiscardMessages",
+    "Storage:SpoolPath",
     "Logging:LogLevel:Default",
 )
 
@@ -241,7 +273,11 @@ def load_settings(
             raw.update(_read_json_file(candidate))
     raw.update(_from_environ(env))
     raw.update(cli)
-    return _convert(_Values(raw), environment=environment, cwd=base_dir)
+    values = _Values(raw)
+    settings = _convert(values, environment=environment, cwd=base_dir)
+    if _explicitly_production(env, cli):
+        _require_database(settings, values)
+    return settings
 
 
 def is_override(arg: str) -> bool:
@@ -285,16 +321,36 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 # --- sources ---------------------------------------------------------------
 
 
+_ENVIRONMENT_VARIABLES: Final = ("DOTNET_ENVIRONMENT", "ASPNETCORE_ENVIRONMENT")
+
+
 def _environment_name(environ: Mapping[str, str], cli: _Raw) -> str:
     """The generic host's rule: ``--environment``, then the DOTNET_/ASPNETCORE_ variables."""
-    for value in (
-        cli.get("environment"),
-        environ.get("DOTNET_ENVIRONMENT"),
-        environ.get("ASPNETCORE_ENVIRONMENT"),
-    ):
+    for value in (cli.get("environment"), *(environ.get(k) for k in _ENVIRONMENT_VARIABLES)):
         if value and value.strip():
             return value.strip()
     return "Production"
+
+
+def _explicitly_production(environ: Mapping[str, str], cli: _Raw) -> bool:
+    """Production named by a source rather than assumed (``IsProduction`` ignores case):
+    a container image sets it, a developer's ``relate-smtp serve`` does not."""
+    named = [cli.get("environment"), *(environ.get(k) for k in _ENVIRONMENT_VARIABLES)]
+    first = next((value.strip() for value in named if value and value.strip()), None)
+    return first is not None and first.lower() == "production"
+
+
+def _require_database(settings: Settings, values: _Values) -> None:
+    """The original refuses to start in Production without a connection string (SPEC §2);
+    an explicit Storage:SqlitePath says the file is meant to persist (a mounted volume)."""
+    if settings.default_connection or values.value("Storage:SqlitePath") is not None:
+        return
+    raise ConfigError(
+        "ConnectionStrings:DefaultConnection",
+        "ConnectionStrings:DefaultConnection is required. Set via environment variable "
+        "ConnectionStrings__DefaultConnection (the environment is Production; set "
+        "Storage:SqlitePath to keep mail in an SQLite file on a persistent volume instead).",
+    )
 
 
 def _read_json_file(path: str) -> _Raw:
@@ -500,12 +556,44 @@ def _port(key: str, value: str) -> int:
     return _integer(key, value, 0, 65535, "a port number (0-65535)")
 
 
+def _secure_port(key: str, value: str) -> int:
+    """As the original: any int32 is taken, and 0 or less turns the listener off."""
+    return _integer(key, value, -(2**31), 65535, "a port number (0-65535), or 0 or less for off")
+
+
 def _positive_int(key: str, value: str) -> int:
     return _integer(key, value, 1, None, "a positive whole number (1 or more)")
 
 
+def _int32(key: str, value: str) -> int:
+    """Any value the original's ``int`` option binds."""
+    return _integer(key, value, -(2**31), 2**31 - 1, "a whole number (32-bit)")
+
+
+def _timespan(key: str, value: str) -> float:
+    """A .NET TimeSpan as the original binds it (``TimeSpan.Parse``), in seconds."""
+    try:
+        ticks = parse_timespan(value)
+    except TimeSpanError as exc:
+        raise ConfigError(key, f'"{value}" {exc}') from None
+    return ticks / TICKS_PER_SECOND
+
+
+def _positive_timespan(key: str, value: str) -> float:
+    """The original fails every recorded AUTH failure on a window of zero or less
+    (MemoryCache refuses the expiry), so such a value is refused at start."""
+    seconds = _timespan(key, value)
+    if seconds <= 0:
+        raise ConfigError(key, f'"{value}" is not a positive TimeSpan (more than 0, e.g. 00:15:00)')
+    return seconds
+
+
 def _count(key: str, value: str) -> int:
     return _integer(key, value, 0, None, "a whole number of 0 or more")
+
+
+def _ipv6_prefix_length(key: str, value: str) -> int:
+    return _integer(key, value, 1, 128, "an IPv6 prefix length (1-128)")
 
 
 def _number(key: str, value: str, allow_zero: bool) -> float:
@@ -519,10 +607,6 @@ def _number(key: str, value: str, allow_zero: bool) -> float:
 
 def _positive_number(key: str, value: str) -> float:
     return _number(key, value, allow_zero=False)
-
-
-def _non_negative_number(key: str, value: str) -> float:
-    return _number(key, value, allow_zero=True)
 
 
 def _bare_line_endings(key: str, value: str) -> str:
@@ -576,6 +660,28 @@ def _host_name(key: str, value: str) -> str:
     return ascii_name
 
 
+def _server_name(key: str, value: str) -> str:
+    """Any one word, as the original put any string in its greeting (a DNS name in
+    A-label form); whitespace would split the name in the greeting and EHLO reply."""
+    try:
+        return _host_name(key, value)
+    except ConfigError:
+        if value.isascii() and value.isprintable() and not _has_space(value):
+            return value
+        raise ConfigError(
+            key, f'"{value}" is not a domain name (one word, like mail.example.com)'
+        ) from None
+
+
+def is_host_name(value: str) -> bool:
+    """Whether ``value`` is a DNS name, so start-up can warn about a ServerName that is not."""
+    try:
+        _host_name("", value)
+    except ConfigError:
+        return False
+    return True
+
+
 def _domain(key: str, value: str) -> str:
     """Domains compare case-insensitively, so they are kept lower-case."""
     return _host_name(key, value).lower()
@@ -596,8 +702,17 @@ def _has_space(value: str) -> bool:
     return any(char.isspace() for char in value)
 
 
+def _health_urls(key: str, value: str) -> tuple[tuple[str, int], ...]:
+    """Kestrel's ``UseUrls``: several URLs may be given, separated by ``;``."""
+    urls = [url.strip() for url in value.split(";") if url.strip()]
+    if not urls:
+        raise ConfigError(key, "is empty; give a URL like http://localhost:8081")
+    return tuple(_health_url(key, url) for url in urls)
+
+
 def _health_url(key: str, value: str) -> tuple[str, int]:
-    """Kestrel's rules: ``+``, ``*`` and any name but localhost bind every interface."""
+    """Kestrel's rules: ``+``, ``*``, a wildcard address and any name but localhost bind
+    every interface of both families (``::``); ``localhost`` binds both loopbacks."""
     parts = urlsplit(value)
     try:
         port = parts.port
@@ -611,11 +726,28 @@ def _health_url(key: str, value: str) -> tuple[str, int]:
         raise ConfigError(key, f'"{value}" must not have a path; /healthz is served at the root')
     host = parts.hostname
     try:
-        host = str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
-            host = "0.0.0.0"
+            host = "::"
+    else:
+        host = "::" if address.is_unspecified else str(address)
     return host, 80 if port is None else port
+
+
+def _spool_directory(values: _Values, cwd: str) -> str | None:
+    """``Storage:SpoolPath``: an existing, writable directory (relative to ``cwd``)."""
+    key = "Storage:SpoolPath"
+    value = values.value(key)
+    if value is None or not value.strip():
+        return None
+    path = os.path.join(cwd, value.strip())
+    if not os.path.isdir(path):
+        problem = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise ConfigError(key, f'"{value}" {problem}')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(key, f'"{value}" is not writable')
+    return path
 
 
 def _readable_file(key: str, value: str, cwd: str) -> str:
@@ -648,6 +780,40 @@ def _validate_connection_string(key: str, value: str) -> str:
     return value
 
 
+def _mime_settings(values: _Values) -> MimeSettings:
+    d_limits, d_parse = MimeLimits(), ParseLimits()
+    return MimeSettings(
+        limits=MimeLimits(
+            max_parts=_typed(values, "Smtp:Mime:MaxParts", _positive_int, d_limits.max_parts),
+            max_nesting_depth=_typed(
+                values, "Smtp:Mime:MaxNestingDepth", _positive_int, d_limits.max_nesting_depth
+            ),
+            max_header_bytes=_typed(
+                values, "Smtp:Mime:MaxHeaderBytes", _positive_int, d_limits.max_header_bytes
+            ),
+            max_header_recipients=_typed(
+                values,
+                "Smtp:Mime:MaxHeaderRecipients",
+                _positive_int,
+                d_limits.max_header_recipients,
+            ),
+        ),
+        parse=ParseLimits(
+            cpu_seconds=_typed(
+                values, "Smtp:Mime:ParseCpuSeconds", _positive_number, d_parse.cpu_seconds
+            ),
+            memory_bytes=_typed(
+                values, "Smtp:Mime:ParseMemoryBytes", _memory_bytes, d_parse.memory_bytes
+            ),
+        ),
+    )
+
+
+def _memory_bytes(key: str, value: str) -> int:
+    # A worker process needs some 100 MiB before it parses anything.
+    return _integer(key, value, 256 * 1024 * 1024, None, "a byte count of 268435456 or more")
+
+
 def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
     """Build the typed settings; defaults come from the attrs classes above."""
     d_smtp, d_mx, d_health = SmtpSettings(), MxSettings(), HealthCheckSettings()
@@ -668,6 +834,7 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
             "would be an open relay. List them, e.g. Smtp__Mx__HostedDomains__0=example.com",
         )
 
+    mime = _mime_settings(values)
     proxy = ProxyProtocolSettings(
         listeners=_typed_list(values, "Smtp:ProxyProtocol:Listeners", _proxy_listener, ()),
         trusted_networks=_typed_list(values, "Smtp:ProxyProtocol:TrustedNetworks", _network, ()),
@@ -687,9 +854,9 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
         )
 
     smtp = SmtpSettings(
-        server_name=_typed(values, "Smtp:ServerName", _host_name, d_smtp.server_name),
+        server_name=_typed(values, "Smtp:ServerName", _server_name, d_smtp.server_name),
         port=_typed(values, "Smtp:Port", _port, d_smtp.port),
-        secure_port=_typed(values, "Smtp:SecurePort", _port, d_smtp.secure_port),
+        secure_port=_typed(values, "Smtp:SecurePort", _secure_port, d_smtp.secure_port),
         require_authentication=_typed(
             values, "Smtp:RequireAuthentication", _boolean, d_smtp.require_authentication
         ),
@@ -742,6 +909,12 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
         max_connections_per_ip=_typed(
             values, "Smtp:MaxConnectionsPerIp", _count, d_smtp.max_connections_per_ip
         ),
+        client_ipv6_prefix_length=_typed(
+            values,
+            "Smtp:ClientIpv6PrefixLength",
+            _ipv6_prefix_length,
+            d_smtp.client_ipv6_prefix_length,
+        ),
         connection_limit_exempt_networks=_typed_list(
             values,
             "Smtp:ConnectionLimitExemptNetworks",
@@ -754,13 +927,20 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
         restrict_sender_to_login=_typed(
             values, "Smtp:RestrictSenderToLogin", _boolean, d_smtp.restrict_sender_to_login
         ),
+        spool_threshold_bytes=_typed(
+            values, "Smtp:SpoolThresholdBytes", _positive_int, d_smtp.spool_threshold_bytes
+        ),
+        max_buffered_bytes=_typed(
+            values, "Smtp:MaxBufferedBytes", _positive_int, d_smtp.max_buffered_bytes
+        ),
         mx=mx,
+        mime=mime,
         proxy_protocol=proxy,
     )
     _check_port_clashes(smtp)
 
     health_url = _typed(values, "HealthCheck:Url", _text, d_health.url)
-    health_host, health_port = _health_url("HealthCheck:Url", health_url)
+    health_endpoints = _health_urls("HealthCheck:Url", health_url)
     dns_mx_domain = values.get("HealthCheck:DnsMxDomain")
     if dns_mx_domain is None:
         dns_mx_domain = d_health.dns_mx_domain
@@ -776,7 +956,7 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
             "ConnectionStrings:DefaultConnection", connection
         ),
         health_check=HealthCheckSettings(
-            url=health_url, dns_mx_domain=dns_mx_domain, host=health_host, port=health_port
+            url=health_url, dns_mx_domain=dns_mx_domain, endpoints=health_endpoints
         ),
         api=ApiSettings(
             base_url=_typed(values, "Api:BaseUrl", _http_url, d_api.base_url),
@@ -791,25 +971,25 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
                 max_failed_attempts=_typed(
                     values,
                     "Security:RateLimit:MaxFailedAttempts",
-                    _positive_int,
+                    _int32,
                     d_rate.max_failed_attempts,
                 ),
-                lockout_window_minutes=_typed(
+                lockout_window_seconds=_typed(
                     values,
-                    "Security:RateLimit:LockoutWindowMinutes",
-                    _positive_number,
-                    d_rate.lockout_window_minutes,
+                    "Security:RateLimit:LockoutWindow",
+                    _positive_timespan,
+                    d_rate.lockout_window_seconds,
                 ),
                 base_backoff_delay_seconds=_typed(
                     values,
-                    "Security:RateLimit:BaseBackoffDelaySeconds",
-                    _non_negative_number,
+                    "Security:RateLimit:BaseBackoffDelay",
+                    _timespan,
                     d_rate.base_backoff_delay_seconds,
                 ),
                 max_backoff_delay_seconds=_typed(
                     values,
-                    "Security:RateLimit:MaxBackoffDelaySeconds",
-                    _non_negative_number,
+                    "Security:RateLimit:MaxBackoffDelay",
+                    _timespan,
                     d_rate.max_backoff_delay_seconds,
                 ),
             ),
@@ -819,6 +999,7 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
             discard_messages=_typed(
                 values, "Storage:DiscardMessages", _boolean, d_storage.discard_messages
             ),
+            spool_path=_spool_directory(values, cwd),
         ),
         log_level=_typed(values, "Logging:LogLevel:Default", _log_level, "Information"),
         environment=environment,
@@ -838,7 +1019,7 @@ def _check_port_clashes(smtp: SmtpSettings) -> None:
         listeners.append(("Smtp:Mx:Port", smtp.mx.port))
     used: dict[int, str] = {}
     for key, port in listeners:
-        if port == 0:  # a free port (Port, Mx:Port) or disabled (SecurePort)
+        if port <= 0:  # a free port (Port, Mx:Port) or disabled (SecurePort)
             continue
         if port in used:
             raise ConfigError(key, f"{port} is already the port of {used[port]}")

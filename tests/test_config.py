@@ -14,6 +14,7 @@ from relate_smtp.config import (
     KNOWN_KEYS,
     ConfigError,
     Settings,
+    is_host_name,
     is_override,
     load_settings,
     split_overrides,
@@ -65,6 +66,7 @@ def test_no_sources_gives_the_attrs_defaults(tmp_path: Path) -> None:
         ("smtp.tls_handshake_timeout_seconds", 30),
         ("smtp.max_connections", 1000),
         ("smtp.max_connections_per_ip", 50),
+        ("smtp.client_ipv6_prefix_length", 64),
         (
             "smtp.connection_limit_exempt_networks",
             (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
@@ -78,15 +80,14 @@ def test_no_sources_gives_the_attrs_defaults(tmp_path: Path) -> None:
         ("smtp.proxy_protocol.listeners", ()),
         ("default_connection", ""),
         ("health_check.url", "http://localhost:8081"),
-        ("health_check.host", "localhost"),
-        ("health_check.port", 8081),
+        ("health_check.endpoints", (("localhost", 8081),)),
         ("health_check.dns_mx_domain", "gmail.com"),
         ("api.base_url", "http://localhost:5000"),
         ("api.timeout_seconds", 10),
         ("internal_api_key", None),
         ("security.authentication_salt", ""),
         ("security.rate_limit.max_failed_attempts", 5),
-        ("security.rate_limit.lockout_window_minutes", 15),
+        ("security.rate_limit.lockout_window_seconds", 900),
         ("security.rate_limit.base_backoff_delay_seconds", 1),
         ("security.rate_limit.max_backoff_delay_seconds", 30),
         ("storage.sqlite_path", "relate-smtp.db"),
@@ -164,9 +165,9 @@ def test_json_file_sets_every_key(tmp_path: Path) -> None:
                 "AuthenticationSalt": "salt",
                 "RateLimit": {
                     "MaxFailedAttempts": 2,
-                    "LockoutWindowMinutes": 1,
-                    "BaseBackoffDelaySeconds": 0,
-                    "MaxBackoffDelaySeconds": 8,
+                    "LockoutWindow": "00:01:00",
+                    "BaseBackoffDelay": 0,  # a JSON number is read as its text: 0 days
+                    "MaxBackoffDelay": "00:00:08",
                 },
             },
             "Storage": {"SqlitePath": "/var/lib/relate.db", "DiscardMessages": True},
@@ -210,7 +211,7 @@ def test_json_file_sets_every_key(tmp_path: Path) -> None:
     )
     assert s.default_connection == "Host=db;Database=relate"
     assert s.health_check == config.HealthCheckSettings(
-        url="http://+:9090", dns_mx_domain="example.org", host="0.0.0.0", port=9090
+        url="http://+:9090", dns_mx_domain="example.org", endpoints=(("::", 9090),)
     )
     assert s.api == config.ApiSettings(base_url="https://api.example.com", timeout_seconds=3.0)
     assert s.internal_api_key == "k"
@@ -218,7 +219,7 @@ def test_json_file_sets_every_key(tmp_path: Path) -> None:
         authentication_salt="salt",
         rate_limit=config.RateLimitSettings(
             max_failed_attempts=2,
-            lockout_window_minutes=1.0,
+            lockout_window_seconds=60.0,
             base_backoff_delay_seconds=0.0,
             max_backoff_delay_seconds=8.0,
         ),
@@ -238,7 +239,7 @@ def test_json_comments_and_trailing_commas_are_allowed(tmp_path: Path) -> None:
           "Smtp": {
             "Port": 2587, /* block
             comment */
-            "ServerName": "http://not-a-comment//x",
+            "ServerName": "http://not a comment//x",
             "Mx": {"HostedDomains": ["a.example", "b.example",],},
           },
         }""",
@@ -332,6 +333,57 @@ def test_command_line_environment_wins(tmp_path: Path) -> None:
     assert (settings.environment, settings.smtp.port) == ("Staging", 3000)
 
 
+# --- the Production rule (SPEC §2, ConnectionStrings:DefaultConnection) ----------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ"),
+    [
+        ((), {"DOTNET_ENVIRONMENT": "Production"}),
+        ((), {"ASPNETCORE_ENVIRONMENT": "production"}),
+        ((), {"DOTNET_ENVIRONMENT": " ", "ASPNETCORE_ENVIRONMENT": "Production"}),
+        (("--environment", "Production"), {"DOTNET_ENVIRONMENT": "Development"}),
+        (("ConnectionStrings:DefaultConnection=",), {"DOTNET_ENVIRONMENT": "Production"}),
+        (("Storage:SqlitePath= ",), {"DOTNET_ENVIRONMENT": "Production"}),
+    ],
+)
+def test_explicit_production_without_a_database_refuses(
+    tmp_path: Path, overrides: tuple[str, ...], environ: dict[str, str]
+) -> None:
+    """The original throws in Production without a connection string; a container must
+    never keep mail in a file that dies with it."""
+    caught = error(tmp_path, *overrides, **environ)
+    assert caught.key == "ConnectionStrings:DefaultConnection"
+    assert "ConnectionStrings:DefaultConnection is required" in str(caught)
+    assert "ConnectionStrings__DefaultConnection" in str(caught)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ"),
+    [
+        ((), {}),  # Production by default, but not named: the quickstart
+        ((), {"DOTNET_ENVIRONMENT": "Development", "ASPNETCORE_ENVIRONMENT": "Production"}),
+        ((), {"ASPNETCORE_ENVIRONMENT": "Staging"}),
+        (("Storage:SqlitePath=/data/relate.db",), {"DOTNET_ENVIRONMENT": "Production"}),
+        (
+            ("ConnectionStrings:DefaultConnection=Host=db;Database=relate",),
+            {"ASPNETCORE_ENVIRONMENT": "Production"},
+        ),
+    ],
+)
+def test_production_rule_leaves_other_set_ups_alone(
+    tmp_path: Path, overrides: tuple[str, ...], environ: dict[str, str]
+) -> None:
+    assert load(tmp_path, *overrides, **environ).smtp.port == 587
+
+
+def test_production_sqlite_path_may_come_from_the_environment(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path, DOTNET_ENVIRONMENT="Production", Storage__SqlitePath="/data/relate.db"
+    )
+    assert (settings.environment, settings.default_connection) == ("Production", "")
+
+
 # --- environment variables -------------------------------------------------------
 
 
@@ -399,6 +451,12 @@ def test_array_indexes_sort_numerically(tmp_path: Path) -> None:
 def test_plain_value_is_a_comma_separated_list(tmp_path: Path) -> None:
     settings = load(tmp_path, Smtp__Mx__HostedDomains="a.example, b.example,")
     assert settings.smtp.mx.hosted_domains == ("a.example", "b.example")
+
+
+@pytest.mark.parametrize("value", ["1", "48", "128"])
+def test_client_ipv6_prefix_length_accepts_1_to_128(tmp_path: Path, value: str) -> None:
+    settings = load(tmp_path, Smtp__ClientIpv6PrefixLength=value)
+    assert settings.smtp.client_ipv6_prefix_length == int(value)
 
 
 def test_array_replaces_default_array(tmp_path: Path) -> None:
@@ -565,6 +623,19 @@ def test_booleans_like_bool_parse(tmp_path: Path, value: str, expected: bool) ->
 # --- validation -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["mail_1.example.com", "192.0.2.1", "relay-host_01"])
+def test_server_name_the_original_accepts_starts(tmp_path: Path, name: str) -> None:
+    """The original took any string; one that is no DNS name gets a start-up warning."""
+    assert load(tmp_path, f"--Smtp:ServerName={name}").smtp.server_name == name
+    assert not is_host_name(name)
+
+
+def test_server_name_in_unicode_becomes_its_a_label(tmp_path: Path) -> None:
+    settings = load(tmp_path, "--Smtp:ServerName=mail.bücher.example")
+    assert settings.smtp.server_name == "mail.xn--bcher-kva.example"
+    assert is_host_name(settings.smtp.server_name)
+
+
 def test_port_message_is_exact(tmp_path: Path) -> None:
     err = error(tmp_path, Smtp__Port="abc")
     assert str(err) == 'Smtp:Port: "abc" is not a port number (0-65535)'
@@ -573,7 +644,7 @@ def test_port_message_is_exact(tmp_path: Path) -> None:
 
 INVALID = [
     ("Smtp:ServerName", "mail example.com", "is not a domain name"),
-    ("Smtp:ServerName", "mail_1.example.com", "is not a domain name"),
+    ("Smtp:ServerName", "mail\x07bell", "is not a domain name"),
     ("Smtp:Port", "65536", "is not a port number (0-65535)"),
     ("Smtp:Port", "-1", "is not a port number (0-65535)"),
     ("Smtp:Port", "1_000", "is not a port number (0-65535)"),
@@ -585,6 +656,15 @@ INVALID = [
     ("Smtp:AllowInsecureAuth", "on", "is not a boolean"),
     ("Smtp:BareLineEndings", "strip", "is not one of: normalize, reject"),
     ("Smtp:MaxRecipients", "0", "is not a positive whole number"),
+    ("Smtp:Mime:MaxParts", "0", "is not a positive whole number"),
+    ("Smtp:SpoolThresholdBytes", "0", "is not a positive whole number"),
+    ("Smtp:MaxBufferedBytes", "-1", "is not a positive whole number"),
+    ("Storage:SpoolPath", "no/such/dir", "does not exist"),
+    ("Smtp:Mime:MaxNestingDepth", "-3", "is not a positive whole number"),
+    ("Smtp:Mime:MaxHeaderBytes", "lots", "is not a positive whole number"),
+    ("Smtp:Mime:MaxHeaderRecipients", "0", "is not a positive whole number"),
+    ("Smtp:Mime:ParseCpuSeconds", "0", "is not a positive number"),
+    ("Smtp:Mime:ParseMemoryBytes", "1000", "is not a byte count of 268435456 or more"),
     ("Smtp:MaxErrors", "ten", "is not a positive whole number"),
     ("Smtp:CommandTimeoutSeconds", "0", "is not a positive number"),
     ("Smtp:CommandTimeoutSeconds", "nan", "is not a positive number"),
@@ -594,6 +674,9 @@ INVALID = [
     ("Smtp:TlsHandshakeTimeoutSeconds", "30s", "is not a positive number"),
     ("Smtp:MaxConnections", "0", "is not a positive whole number"),
     ("Smtp:MaxConnectionsPerIp", "-5", "is not a whole number of 0 or more"),
+    ("Smtp:ClientIpv6PrefixLength", "0", "is not an IPv6 prefix length (1-128)"),
+    ("Smtp:ClientIpv6PrefixLength", "129", "is not an IPv6 prefix length (1-128)"),
+    ("Smtp:ClientIpv6PrefixLength", "/64", "is not an IPv6 prefix length (1-128)"),
     ("Smtp:ConnectionLimitExemptNetworks:0", "10.0.0.300/8", "is not an IP network"),
     ("Smtp:ShutdownTimeoutSeconds", "0", "is not a positive number"),
     ("Smtp:RestrictSenderToLogin", "maybe", "is not a boolean"),
@@ -616,10 +699,18 @@ INVALID = [
     ("Api:BaseUrl", "ftp://api.example", "is not an http:// or https:// URL"),
     ("Api:BaseUrl", "http://api:port", "has an invalid port"),
     ("Api:TimeoutSeconds", "0", "is not a positive number"),
-    ("Security:RateLimit:MaxFailedAttempts", "0", "is not a positive whole number"),
-    ("Security:RateLimit:LockoutWindowMinutes", "0", "is not a positive number"),
-    ("Security:RateLimit:BaseBackoffDelaySeconds", "-1", "is not a number of 0 or more"),
-    ("Security:RateLimit:MaxBackoffDelaySeconds", "x", "is not a number of 0 or more"),
+    ("Security:RateLimit:MaxFailedAttempts", "five", "is not a whole number (32-bit)"),
+    ("Security:RateLimit:MaxFailedAttempts", "2147483648", "is not a whole number (32-bit)"),
+    ("Security:RateLimit:LockoutWindow", "0", "is not a positive TimeSpan"),
+    ("Security:RateLimit:LockoutWindow", "-00:15:00", "is not a positive TimeSpan"),
+    ("Security:RateLimit:LockoutWindow", "15m", "is not a TimeSpan ([-][d.]hh:mm[:ss"),
+    ("Security:RateLimit:LockoutWindow", "00:15:", "is not a TimeSpan"),
+    ("Security:RateLimit:LockoutWindow", "24:00", "is out of range for a TimeSpan (hours 0-23"),
+    ("Security:RateLimit:LockoutWindow", "10675200", "is out of range for a TimeSpan"),
+    ("Security:RateLimit:BaseBackoffDelay", "1.5", "is not a TimeSpan"),
+    ("Security:RateLimit:BaseBackoffDelay", "+00:00:01", "is not a TimeSpan"),
+    ("Security:RateLimit:MaxBackoffDelay", "00:00:60", "is out of range for a TimeSpan"),
+    ("Security:RateLimit:MaxBackoffDelay", "00:00:00.12345678", "is out of range"),
     ("Storage:DiscardMessages", "sometimes", "is not a boolean"),
     ("Logging:LogLevel:Default", "Verbose", "is not a log level (Trace, Debug, Information"),
 ]
@@ -704,20 +795,34 @@ def test_proxy_listeners_need_trusted_networks(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "host", "port"),
     [
-        ("http://+:8081", "0.0.0.0", 8081),
-        ("http://*:8081", "0.0.0.0", 8081),
-        ("http://localhost:8081", "localhost", 8081),
+        ("http://+:8081", "::", 8081),  # every interface, IPv6 and IPv4
+        ("http://*:8081", "::", 8081),
+        ("http://localhost:8081", "localhost", 8081),  # both loopbacks
         ("HTTP://LocalHost:8081/", "localhost", 8081),
         ("http://127.0.0.1:0", "127.0.0.1", 0),
         ("http://[::1]:9000", "::1", 9000),
-        ("http://0.0.0.0:8081", "0.0.0.0", 8081),
+        ("http://0.0.0.0:8081", "::", 8081),
+        ("http://[::]:8081", "::", 8081),
         ("http://localhost", "localhost", 80),
-        ("http://health.example:8081", "0.0.0.0", 8081),  # Kestrel: names bind everywhere
+        ("http://health.example:8081", "::", 8081),  # Kestrel: names bind everywhere
     ],
 )
 def test_health_url_forms(tmp_path: Path, url: str, host: str, port: int) -> None:
     health = load(tmp_path, HealthCheck__Url=url).health_check
-    assert (health.url, health.host, health.port) == (url, host, port)
+    assert (health.url, health.endpoints) == (url, ((host, port),))
+
+
+def test_health_urls_separated_by_semicolons(tmp_path: Path) -> None:
+    url = "http://localhost:8081; http://10.0.0.5:9000;;"
+    health = load(tmp_path, HealthCheck__Url=url).health_check
+    assert health.endpoints == (("localhost", 8081), ("10.0.0.5", 9000))
+    err = error(tmp_path, HealthCheck__Url="http://localhost:8081;https://x:1")
+    assert (err.key, "is not an http:// URL" in err.message) == ("HealthCheck:Url", True)
+
+
+@pytest.mark.parametrize("port", ["-1", "-465", "0"])
+def test_secure_port_zero_or_less_disables_it(tmp_path: Path, port: str) -> None:
+    assert load(tmp_path, Smtp__SecurePort=port, Smtp__Port="465").smtp.secure_port == int(port)
 
 
 def test_port_clash_is_refused(tmp_path: Path) -> None:
@@ -729,6 +834,59 @@ def test_port_clash_is_refused(tmp_path: Path) -> None:
     err = error(tmp_path, Smtp__Mx__Enabled="true", Smtp__Mx__Port="587", **domains)
     assert err.key == "Smtp:Mx:Port"
     assert load(tmp_path, Smtp__Port="0", Smtp__Mx__Port="0", Smtp__SecurePort="0").smtp.port == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("00:00:04", 4.0),
+        ("1", 86_400.0),  # a bare integer is days, as TimeSpan.Parse reads it
+        ("1.02:03:04.5", 93_784.5),
+        ("00:15", 900.0),
+        (" 00:15:00 ", 900.0),
+        ("0:0:0.250", 0.25),
+        ("10.12:00", 907_200.0),
+        ("00:00:00.0000001", 1e-7),
+        ("0023:0059:0059.0099", 86_399.0099),
+        ("24:00:00", 24 * 86_400.0),  # .NET: three numbers, first over 23 → d:h:m
+        ("1:02:03:04", 93_784.0),  # the invariant culture's own d:h:mm:ss
+    ],
+)
+def test_rate_limit_delays_are_dotnet_timespans(tmp_path: Path, value: str, seconds: float) -> None:
+    rate_limit = load(
+        tmp_path,
+        f"Security:RateLimit:LockoutWindow={value}",
+        f"Security:RateLimit:BaseBackoffDelay={value}",
+        f"--Security:RateLimit:MaxBackoffDelay={value}",
+    ).security.rate_limit
+    assert rate_limit.lockout_window_seconds == pytest.approx(seconds)
+    assert rate_limit.base_backoff_delay_seconds == pytest.approx(seconds)
+    assert rate_limit.max_backoff_delay_seconds == pytest.approx(seconds)
+
+
+def test_what_the_original_accepts_for_rate_limits_starts(tmp_path: Path) -> None:
+    """MaxFailedAttempts 0 or less locks at the first failure there, and a negative
+    backoff is no backoff; only a window of zero or less is refused (see the limiter)."""
+    rate_limit = load(
+        tmp_path,
+        "Security:RateLimit:MaxFailedAttempts=0",
+        "Security:RateLimit:BaseBackoffDelay=-00:00:01",
+        "Security:RateLimit:MaxBackoffDelay=-1",
+    ).security.rate_limit
+    assert rate_limit.max_failed_attempts == 0
+    assert rate_limit.base_backoff_delay_seconds == -1.0
+    assert rate_limit.max_backoff_delay_seconds == -86_400.0
+    assert load(tmp_path, "Security:RateLimit:MaxFailedAttempts=-2147483648")
+
+
+def test_the_earlier_rate_limit_key_names_are_not_read(tmp_path: Path) -> None:
+    rate_limit = load(
+        tmp_path,
+        Security__RateLimit__LockoutWindowMinutes="1",
+        Security__RateLimit__BaseBackoffDelaySeconds="5",
+        Security__RateLimit__MaxBackoffDelaySeconds="6",
+    ).security.rate_limit
+    assert rate_limit == config.RateLimitSettings()
 
 
 # --- files and the connection-string hook -------------------------------------------
@@ -811,3 +969,18 @@ def test_every_key_is_documented(key: str) -> None:
     reference = (REPO / "docs" / "configuration.md").read_text()
     assert f"`{key}`" in reference
     assert f"`{key.replace(':', '__')}" in reference
+
+
+def test_mime_limits_are_read(tmp_path: Path) -> None:
+    mime = load(
+        tmp_path,
+        "Smtp:Mime:MaxParts=50",
+        "Smtp:Mime:MaxNestingDepth=7",
+        "Smtp:Mime:MaxHeaderBytes=4096",
+        "Smtp:Mime:MaxHeaderRecipients=20",
+        "Smtp:Mime:ParseCpuSeconds=2.5",
+        "Smtp:Mime:ParseMemoryBytes=536870912",
+    ).smtp.mime
+    assert (mime.limits.max_parts, mime.limits.max_nesting_depth) == (50, 7)
+    assert (mime.limits.max_header_bytes, mime.limits.max_header_recipients) == (4096, 20)
+    assert (mime.parse.cpu_seconds, mime.parse.memory_bytes) == (2.5, 536_870_912)

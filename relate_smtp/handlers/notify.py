@@ -23,7 +23,7 @@ import trio
 
 from relate_smtp.storage import NewEmail, SavedEmail
 
-__all__ = ["NOTIFICATION_PATH", "Notifier", "notification_payload"]
+__all__ = ["NOTIFICATION_PATH", "Notifier", "notification_payload", "notification_url"]
 
 log = logging.getLogger("relate_smtp.notify")
 
@@ -38,6 +38,17 @@ _MAX_CONNECT_TIMEOUT: Final = 5.0
 
 # Raised before any byte of the request left: the API cannot have seen it.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def notification_url(base_url: str) -> str:
+    """Where notifications go: the path resolved against ``Api:BaseUrl`` by RFC 3986, as
+    .NET's HttpClient resolves it for the original host.
+
+    The path is absolute, so it replaces any path and query of the base
+    (``http://api:5000/relate/`` → ``http://api:5000/api/internal/…``): an operator's
+    base URL keeps reaching the same endpoint it reached before.
+    """
+    return str(httpx.URL(base_url).join(NOTIFICATION_PATH))
 
 
 def notification_payload(email: NewEmail, saved: SavedEmail) -> dict[str, object]:
@@ -90,8 +101,9 @@ class Notifier:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self._url = base_url.rstrip("/") + NOTIFICATION_PATH
-        self._headers = {"Content-Type": "application/json"}
+        self._url = notification_url(base_url)
+        # What the original's PostAsJsonAsync sends.
+        self._headers = {"Content-Type": "application/json; charset=utf-8"}
         if api_key:
             self._headers["Authorization"] = f"ApiKey {api_key}"
         self._timeout = timeout

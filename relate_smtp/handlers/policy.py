@@ -10,7 +10,7 @@ MX enabled     authenticated    listener             MAIL / RCPT
 =============  ===============  ===================  ====================================
 no             either           submission(-tls)     accept (the core enforces
                                                      ``Smtp:RequireAuthentication``)
-yes            yes              submission(-tls)     accept any sender and recipient
+yes            yes              any (MX: after TLS)  accept any sender and recipient
 yes            no               submission(-tls)     530 5.7.0
 yes            no               mx                   any sender; recipient: hosted domain
                                                      else 550 5.7.1, a user (if

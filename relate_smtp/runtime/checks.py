@@ -6,11 +6,13 @@ and alerts are written against them. Each check returns a :class:`CheckResult`;
 broken check can never hide the others. :func:`run_checks` runs them concurrently and
 grades the whole. The HTTP side lives in :mod:`relate_smtp.runtime.health`.
 
-Sizes use binary units, as the original's ``1024 * 1024 * 1024`` arithmetic did.
+Sizes use binary units, as the original's ``1024 * 1024 * 1024`` arithmetic did, except
+the memory thresholds, which the original wrote in decimal bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ import attrs
 import trio
 
 from relate_smtp.runtime.proxy import LOCAL_V2_HEADER
-from relate_smtp.storage import Store
+from relate_smtp.storage import ServerConnectionCounter, ServerConnections, Store, StoreError
 
 __all__ = [
     "CheckOutcome",
@@ -38,6 +40,8 @@ __all__ = [
     "database_check",
     "disk_space_check",
     "dns_mx_check",
+    "grade_connections",
+    "grade_disk",
     "memory_check",
     "resolve_mx",
     "run_checks",
@@ -62,8 +66,17 @@ POOL_DEGRADED_PERCENT: Final = 80.0
 POOL_UNHEALTHY_PERCENT: Final = 95.0
 DISK_DEGRADED_BELOW: Final = 1 * GIB
 DISK_UNHEALTHY_BELOW: Final = 100 * MIB
-MEMORY_DEGRADED_AT: Final = int(1.5 * GIB)
-MEMORY_UNHEALTHY_AT: Final = int(1.9 * GIB)
+MEMORY_DEGRADED_AT: Final = 1_500_000_000
+MEMORY_UNHEALTHY_AT: Final = 1_900_000_000
+_MEMORY_GRADES: Final[tuple[tuple[HealthStatus, int], ...]] = (
+    ("Unhealthy", MEMORY_UNHEALTHY_AT),
+    ("Degraded", MEMORY_DEGRADED_AT),
+)
+# The original named the top three exchanges in its description.
+_MX_SHOWN: Final = 3
+# After QUIT the probe waits this long for the 221 so the session ends cleanly; the
+# original did not wait at all, so a missing 221 is no failure.
+_QUIT_GRACE: Final = 1.0
 
 # A greeting or QUIT reply longer than this is not an SMTP server answering.
 _SMTP_REPLY_LIMIT: Final = 4096
@@ -186,36 +199,62 @@ def database_check(store: Store, *, timeout: float = PROBE_TIMEOUT) -> HealthChe
                     description="Database query failed",
                     exception=_message(exc),
                 )
-            return CheckResult(status="Healthy", description="Database is reachable")
+            return CheckResult(status="Healthy")  # the original's DbContext check: no text
         message = f"Database did not answer within {timeout:g} s"
         return CheckResult(status="Unhealthy", description=message, exception=message)
 
     return HealthCheck(name="database", tags=("infrastructure",), probe=probe, timeout=timeout + 1)
 
 
-def connection_pool_check(store: Store) -> HealthCheck:
-    """``connection-pool``: share of the pool in use (< 80 % / ≥ 80 % / ≥ 95 %)."""
+def connection_pool_check(store: Store, *, timeout: float = PROBE_TIMEOUT) -> HealthCheck:
+    """``connection-pool``: the database server's sessions on this database against its
+    ``max_connections`` (≤ 80 % / > 80 % / > 95 %), as the original measured them.
+
+    Never this process's pool: a busy pool is normal under load, and reporting it would
+    take a working host out of rotation just when it is needed. The embedded store has
+    no server to run out of connections.
+    """
 
     async def probe() -> CheckResult:
-        stats = store.pool_stats()
-        # A store without a bounded pool (maximum 0) cannot run out of connections.
-        percent = 100.0 * stats.active / stats.maximum if stats.maximum > 0 else 0.0
-        data = {
-            "activeConnections": stats.active,
-            "maxConnections": stats.maximum,
-            "usedPercent": round(percent, 2),
-        }
-        summary = f"{stats.active} of {stats.maximum} connections in use ({percent:.1f}%)"
-        status: HealthStatus
-        if percent >= POOL_UNHEALTHY_PERCENT:
-            status = "Unhealthy"
-        elif percent >= POOL_DEGRADED_PERCENT:
-            status = "Degraded"
-        else:
-            status = "Healthy"
-        return CheckResult(status=status, description=summary, data=data)
+        if not isinstance(store, ServerConnectionCounter):
+            return CheckResult(
+                status="Healthy",
+                description="Embedded database: no connection limit",
+                data={"backend": "sqlite"},
+            )
+        with trio.move_on_after(timeout):
+            try:
+                counts = await store.server_connections()
+            except StoreError as exc:
+                return CheckResult(
+                    status="Unhealthy",
+                    description="Failed to query connection pool statistics",
+                    exception=_message(exc),
+                )
+            return grade_connections(counts)
+        message = f"Database did not answer within {timeout:g} s"
+        return CheckResult(status="Unhealthy", description=message, exception=message)
 
-    return HealthCheck(name="connection-pool", tags=("database",), probe=probe)
+    return HealthCheck(name="connection-pool", tags=("database",), probe=probe, timeout=timeout + 1)
+
+
+def grade_connections(counts: ServerConnections) -> CheckResult:
+    """The original's verdict and wording; both thresholds are strict (``>``)."""
+    percent = 100.0 * counts.active / counts.maximum if counts.maximum > 0 else 0.0
+    summary = f"{counts.active}/{counts.maximum} connections ({percent:.1f}%)"
+    status: HealthStatus
+    if percent > POOL_UNHEALTHY_PERCENT:
+        status, summary = "Unhealthy", f"Connection pool near exhaustion: {summary}"
+    elif percent > POOL_DEGRADED_PERCENT:
+        status, summary = "Degraded", f"Connection pool pressure: {summary}"
+    else:
+        status = "Healthy"
+    data = {
+        "activeConnections": counts.active,
+        "maxConnections": counts.maximum,
+        "usedPercent": percent,
+    }
+    return CheckResult(status=status, description=summary, data=data)
 
 
 # --------------------------------------------------------------------------- system
@@ -250,23 +289,27 @@ def disk_space_check(
     async def probe() -> CheckResult:
         # statvfs can block on a network filesystem; keep it off the event loop.
         disk = await trio.to_thread.run_sync(usage, path, abandon_on_cancel=True)
-        used_percent = 100.0 * disk.used / disk.total if disk.total > 0 else 0.0
-        data = {
-            "availableGB": round(disk.free / GIB, 2),
-            "totalGB": round(disk.total / GIB, 2),
-            "usedPercent": round(used_percent, 2),
-        }
-        summary = f"{disk.free / GIB:.2f} GB free of {disk.total / GIB:.2f} GB"
-        status: HealthStatus
-        if disk.free < DISK_UNHEALTHY_BELOW:
-            status = "Unhealthy"
-        elif disk.free < DISK_DEGRADED_BELOW:
-            status = "Degraded"
-        else:
-            status = "Healthy"
-        return CheckResult(status=status, description=summary, data=data)
+        return grade_disk(disk)
 
     return HealthCheck(name="disk-space", tags=("system",), probe=probe)
+
+
+def grade_disk(disk: DiskUsage) -> CheckResult:
+    """The original's verdict, data (unrounded) and wording."""
+    used_percent = 100.0 * (disk.total - disk.free) / disk.total if disk.total > 0 else 0.0
+    data = {
+        "availableGB": disk.free / GIB,
+        "totalGB": disk.total / GIB,
+        "usedPercent": used_percent,
+    }
+    used = f"({used_percent:.1f}% used)"
+    if disk.free < DISK_UNHEALTHY_BELOW:
+        text = f"Disk space critically low: {disk.free / MIB:.0f} MB available {used}"
+        return CheckResult(status="Unhealthy", description=text, data=data)
+    available = f"{disk.free / GIB:.2f} GB available {used}"
+    if disk.free < DISK_DEGRADED_BELOW:
+        return CheckResult(status="Degraded", description=f"Disk space low: {available}", data=data)
+    return CheckResult(status="Healthy", description=available, data=data)
 
 
 def current_rss() -> int:
@@ -291,23 +334,18 @@ def current_rss() -> int:
 
 
 def memory_check(*, rss: Callable[[], int] = current_rss) -> HealthCheck:
-    """``memory``: resident memory (< 1.5 GB / ≥ 1.5 GB / ≥ 1.9 GB)."""
+    """``memory``: resident memory (< 1.5 GB / ≥ 1.5 GB / ≥ 1.9 GB, decimal as the
+    original's 1_500_000_000 and 1_900_000_000 bytes)."""
 
     async def probe() -> CheckResult:
         used = rss()
-        megabytes = used / MIB
-        status: HealthStatus
-        if used >= MEMORY_UNHEALTHY_AT:
-            status = "Unhealthy"
-        elif used >= MEMORY_DEGRADED_AT:
-            status = "Degraded"
-        else:
-            status = "Healthy"
-        return CheckResult(
-            status=status,
-            description=f"Working set: {megabytes:.0f} MB",
-            data={"workingSetMB": round(megabytes, 2)},
-        )
+        data = {"workingSetMB": used / MIB}
+        working_set = f"Working set {used / MIB:.0f} MB"
+        for status, threshold in _MEMORY_GRADES:
+            if used >= threshold:
+                text = f"{working_set} exceeds {threshold / MIB:.0f} MB threshold"
+                return CheckResult(status=status, description=text, data=data)
+        return CheckResult(status="Healthy", description=working_set, data=data)
 
     return HealthCheck(name="memory", tags=("system",), probe=probe)
 
@@ -342,41 +380,51 @@ async def _read_reply(stream: trio.abc.ReceiveStream, buf: bytearray) -> tuple[i
 def smtp_check(
     host: str, port: int, *, proxy_local: bool, timeout: float = PROBE_TIMEOUT
 ) -> HealthCheck:
-    """``smtp``: the submission listener greets with 220 and answers QUIT with 221.
+    """``smtp``: the submission listener greets with 220; the probe then sends QUIT.
 
     With ``proxy_local`` (the listener expects PROXY headers) the probe first sends a
     v2 LOCAL header, which tells the listener to keep the socket's own peer address;
     the probe's address must then be in ``Smtp:ProxyProtocol:TrustedNetworks``.
+    Descriptions are the original's, which name the port.
     """
 
     async def probe() -> CheckResult:
-        target = f"{host}:{port}"
         try:
             with trio.fail_after(timeout):
-                stream = await trio.open_tcp_stream(host, port)
-                async with stream:
-                    if proxy_local:
-                        await stream.send_all(LOCAL_V2_HEADER)
-                    buf = bytearray()
-                    code, line = await _read_reply(stream, buf)
-                    if code != 220:
-                        raise _SmtpProbeFailed(f"greeting was {line[:80]!r}")
-                    await stream.send_all(b"QUIT\r\n")
-                    code, line = await _read_reply(stream, buf)
-                    if code != 221:
-                        raise _SmtpProbeFailed(f"QUIT answered {line[:80]!r}")
+                unexpected = await _greet_and_quit(host, port, proxy_local)
         except trio.TooSlowError:
-            message = f"No complete SMTP exchange with {target} within {timeout:g} s"
-            return CheckResult(status="Unhealthy", description=message, exception=message)
+            return _smtp_not_responding(port, f"No SMTP greeting within {timeout:g} s")
         except (OSError, trio.BrokenResourceError, _SmtpProbeFailed) as exc:
-            return CheckResult(
-                status="Unhealthy",
-                description=f"SMTP server at {target} is not answering properly",
-                exception=_message(exc),
-            )
-        return CheckResult(status="Healthy", description=f"SMTP server at {target} responds")
+            return _smtp_not_responding(port, _message(exc))
+        if unexpected is not None:
+            text = f"SMTP server on port {port} returned unexpected greeting: {unexpected}"
+            return CheckResult(status="Unhealthy", description=text)
+        text = f"SMTP server accepting connections on port {port}"
+        return CheckResult(status="Healthy", description=text)
 
     return HealthCheck(name="smtp", tags=("protocol",), probe=probe, timeout=timeout + 1)
+
+
+def _smtp_not_responding(port: int, reason: str) -> CheckResult:
+    text = f"SMTP server on port {port} is not responding"
+    return CheckResult(status="Unhealthy", description=text, exception=reason)
+
+
+async def _greet_and_quit(host: str, port: int, proxy_local: bool) -> str | None:
+    """None after a 220 greeting (QUIT sent); else the greeting's line, as text."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        if proxy_local:
+            await stream.send_all(LOCAL_V2_HEADER)
+        buf = bytearray()
+        code, line = await _read_reply(stream, buf)
+        if code != 220:
+            return line[:200].decode("ascii", "replace")
+        await stream.send_all(b"QUIT\r\n")
+        with trio.move_on_after(_QUIT_GRACE):
+            with contextlib.suppress(OSError, trio.BrokenResourceError, _SmtpProbeFailed):
+                await _read_reply(stream, buf)
+    return None
 
 
 MxResolver = Callable[[str], Awaitable[Sequence[str]]]
@@ -384,7 +432,8 @@ MxResolver = Callable[[str], Awaitable[Sequence[str]]]
 
 
 async def resolve_mx(domain: str, *, lifetime: float = PROBE_TIMEOUT) -> Sequence[str]:
-    """MX exchanges of ``domain`` through the system's resolvers (dnspython, Trio backend).
+    """MX exchanges of ``domain``, most preferred first, through the system's resolvers
+    (dnspython, Trio backend).
 
     NXDOMAIN and an empty answer both mean "no records"; other failures raise.
     """
@@ -401,13 +450,14 @@ async def resolve_mx(domain: str, *, lifetime: float = PROBE_TIMEOUT) -> Sequenc
         )
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return ()
-    return tuple(str(record.exchange) for record in answer)
+    ranked = sorted(answer, key=lambda record: int(record.preference))
+    return tuple(str(record.exchange) for record in ranked)
 
 
 def dns_mx_check(
     domain: str, *, resolve: MxResolver = resolve_mx, timeout: float = PROBE_TIMEOUT
 ) -> HealthCheck:
-    """``dns-mx``: the MX lookup of ``domain`` answers.
+    """``dns-mx``: the MX lookup of ``domain`` answers; the original's texts and data.
 
     No records and failures are both Degraded, never Unhealthy: the original marked a
     DNS outage Unhealthy, which takes an inbound server out of a load balancer's
@@ -422,21 +472,22 @@ def dns_mx_check(
         except Exception as exc:
             # dnspython raises many types (timeouts, SERVFAIL, no nameservers); all of
             # them mean the same thing here.
-            return CheckResult(
-                status="Degraded",
-                description=f"MX lookup for {domain} failed",
-                exception=_message(exc),
-            )
+            return _mx_failed(_message(exc))
         if exchanges is None:
-            message = f"MX lookup for {domain} did not answer within {timeout:g} s"
-            return CheckResult(status="Degraded", description=message, exception=message)
+            return _mx_failed(f"MX lookup for {domain} did not answer within {timeout:g} s")
+        data = {"testDomain": domain, "mxRecordCount": len(exchanges)}
         if not exchanges:
-            return CheckResult(status="Degraded", description=f"No MX records for {domain}")
-        return CheckResult(
-            status="Healthy", description=f"{len(exchanges)} MX records found for {domain}"
-        )
+            text = f"No MX records returned for {domain}"
+            return CheckResult(status="Degraded", description=text, data=data)
+        hosts = ", ".join(name.rstrip(".") for name in exchanges[:_MX_SHOWN])
+        text = f"DNS MX resolution working ({domain} → {hosts})"
+        return CheckResult(status="Healthy", description=text, data=data)
 
     return HealthCheck(name="dns-mx", tags=("smtp",), probe=probe, timeout=timeout + 1)
+
+
+def _mx_failed(reason: str) -> CheckResult:
+    return CheckResult(status="Degraded", description="DNS MX resolution failed", exception=reason)
 
 
 # --------------------------------------------------------------------------- tls

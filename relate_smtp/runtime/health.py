@@ -17,9 +17,11 @@ never send a byte therefore cost a real probe nothing.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Final
@@ -33,7 +35,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from relate_smtp.runtime.addresses import plain_address
 from relate_smtp.runtime.checks import HealthCheck, HealthReport, run_checks
 
-__all__ = ["HealthBindError", "HealthServer", "render_report"]
+__all__ = [
+    "ANY_HOST",
+    "LOCALHOST",
+    "HealthBindError",
+    "HealthServer",
+    "bind_endpoints",
+    "render_report",
+]
 
 log = logging.getLogger("relate_smtp.health")
 
@@ -59,7 +68,22 @@ _RECEIVE_SIZE: Final = 8192
 # close its side, so that unread input does not turn our close into a reset.
 _CLOSE_LINGER: Final = 1.0
 
-_JSON: Final = "application/json"
+# The hosts of HealthCheck:Url endpoints that are not one address (SPEC §2, as Kestrel).
+ANY_HOST: Final = "::"
+LOCALHOST: Final = "localhost"
+# A free port for 127.0.0.1 may be taken on ::1; so many tries to find one free on both.
+_LOOPBACK_PORT_TRIES: Final = 5
+# What binding ::1 raises on a host without IPv6: serve IPv4 alone, as Kestrel does.
+_NO_IPV6: Final = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+
+# What ASP.NET's WriteAsJsonAsync sends, and the headers its health middleware adds so
+# that no cache between a probe and the host ever answers for the host.
+_JSON: Final = "application/json; charset=utf-8"
+_NO_CACHE: Final = (
+    ("Cache-Control", "no-store, no-cache"),
+    ("Pragma", "no-cache"),
+    ("Expires", "Thu, 01 Jan 1970 00:00:00 GMT"),
+)
 _TEXT: Final = "text/plain; charset=utf-8"
 _METHODS: Final = (b"GET", b"HEAD")
 _ALLOW: Final = ("Allow", "GET, HEAD")
@@ -208,8 +232,7 @@ class HealthServer:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        endpoints: Sequence[tuple[str, int]],
         checks: Sequence[HealthCheck],
         registry: CollectorRegistry,
         *,
@@ -218,8 +241,7 @@ class HealthServer:
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     ) -> None:
-        self._host = host
-        self._port = port
+        self._endpoints = tuple(endpoints)
         self._checks = tuple(checks)
         self._registry = registry
         self._first_byte_timeout = min(first_byte_timeout, request_timeout)
@@ -227,34 +249,26 @@ class HealthServer:
         self._table = _ConnectionTable(
             max_total=max_connections, max_per_client=max_connections_per_client
         )
-        self._routes: dict[bytes, Callable[[], Awaitable[_Response]]] = {
-            b"/healthz": self._healthz,
-            b"/metrics": self._metrics,
+        # /healthz answers every method, as the original's MapHealthChecks; None = any.
+        self._routes: dict[bytes, tuple[Callable[[], Awaitable[_Response]], tuple[bytes, ...] | None]] = {
+            b"/healthz": (self._healthz, None),
+            b"/metrics": (self._metrics, _METHODS),
         }
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind, report ``(host, bound port)`` through ``task_status``, serve forever.
+        """Bind every endpoint, report each socket's ``(host, port)`` through
+        ``task_status``, serve forever.
 
-        Raises :class:`HealthBindError` when the address cannot be bound.
+        Raises :class:`HealthBindError` when an endpoint cannot be bound.
         """
-        try:
-            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
-        except OSError as exc:
-            raise HealthBindError(self._host, self._port, exc) from exc
-        if self._port == 0 and len(listeners) > 1:
-            # With port 0 each address family would get a different free port; keep the
-            # first so that the one port reported is the one served.
-            for extra in listeners[1:]:
-                await extra.aclose()
-            listeners = listeners[:1]
-        first = listeners[0]
-        assert isinstance(first, trio.SocketListener)
-        port: int = first.socket.getsockname()[1]
+        sockets = bind_endpoints(self._endpoints)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        bound = [_host_and_port(sock) for sock in sockets]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
-            task_status.started((self._host, port))
+            task_status.started(bound)
 
     async def handle_connection(
         self, stream: trio.abc.HalfCloseableStream, *, client: str | None = None
@@ -374,11 +388,11 @@ class HealthServer:
         raise _ReadTimeout(f"no request within {self._first_byte_timeout:g} s")
 
     async def _route(self, request: h11.Request) -> _Response:
-        path = request.target.partition(b"?")[0]
-        handler = self._routes.get(path)
-        if handler is None:
+        route = self._routes.get(_route_path(request.target))
+        if route is None:
             return _plain(404)
-        if request.method not in _METHODS:
+        handler, methods = route
+        if methods is not None and request.method not in methods:
             return _plain(405, headers=(_ALLOW,))
         return await handler()
 
@@ -386,7 +400,7 @@ class HealthServer:
         report = await run_checks(self._checks)
         # Degraded still serves traffic: only Unhealthy takes the host out of rotation.
         status = 503 if report.status == "Unhealthy" else 200
-        return _Response(status, render_report(report), _JSON)
+        return _Response(status, render_report(report), _JSON, _NO_CACHE[1:])
 
     async def _metrics(self) -> _Response:
         return _Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
@@ -406,7 +420,7 @@ class HealthServer:
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
             # As ASP.NET's health endpoint: a cached verdict is a wrong verdict.
-            ("Cache-Control", "no-store, no-cache"),
+            _NO_CACHE[0],
             *response.headers,
         ]
         if close:
@@ -436,6 +450,13 @@ class HealthServer:
                 received += len(chunk)
 
 
+def _route_path(target: bytes) -> bytes:
+    """ASP.NET routing: the query is ignored, case does not matter, and one trailing
+    slash is allowed (``/HealthZ/`` reaches /healthz)."""
+    path = target.partition(b"?")[0].lower()
+    return path[:-1] if len(path) > 1 and path.endswith(b"/") else path
+
+
 def _peer_address(stream: trio.abc.Stream) -> str | None:
     """The client's address in its one spelling; "" for a stream that is not a socket,
     None for a socket whose peer has already gone."""
@@ -456,3 +477,62 @@ async def _send(conn: h11.Connection, stream: trio.abc.SendStream, event: h11.Ev
     data = conn.send(event)
     if data:
         await stream.send_all(data)
+
+
+def bind_endpoints(endpoints: Sequence[tuple[str, int]]) -> list[socket.socket]:
+    """Listening sockets for ``HealthCheck:Url``'s endpoints, bound the way Kestrel binds
+    them, so a probe that reached the original over IPv4 or IPv6 reaches this one too.
+
+    Raises :class:`HealthBindError` (with nothing left open) when one cannot be bound.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in endpoints:
+            sockets.extend(_bind(host, port))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    try:
+        if host == ANY_HOST:
+            return [_bind_any(port)]
+        if host == LOCALHOST:
+            return _bind_loopbacks(port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return [socket.create_server((host, port), family=family)]
+    except OSError as exc:
+        raise HealthBindError(host, port, exc) from exc
+
+
+def _bind_any(port: int) -> socket.socket:
+    """Every interface: one dual-stack socket (Kestrel's IPv6Any with DualMode)."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("0.0.0.0", port))
+
+
+def _bind_loopbacks(port: int) -> list[socket.socket]:
+    """``localhost``: 127.0.0.1 and ::1 on one port; IPv4 alone where there is no IPv6."""
+    for _ in range(_LOOPBACK_PORT_TRIES if port == 0 else 1):
+        first = socket.create_server(("127.0.0.1", port))
+        try:
+            second = socket.create_server(("::1", first.getsockname()[1]), family=socket.AF_INET6)
+        except OSError as exc:
+            if exc.errno in _NO_IPV6:
+                log.warning("HealthCheck:Url: localhost is served on 127.0.0.1 only: %s", exc)
+                return [first]
+            first.close()
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue
+            raise
+        return [first, second]
+    raise OSError(errno.EADDRINUSE, "no port free on both 127.0.0.1 and ::1")
+
+
+def _host_and_port(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)

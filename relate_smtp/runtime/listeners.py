@@ -81,11 +81,21 @@ def plan_listeners(settings: Settings, *, has_certificate: bool) -> list[tuple[L
                 smtp.secure_port,
             )
     if smtp.mx.enabled:
-        mx_protocol = attrs.evolve(
-            base, tls_available=has_certificate, auth_enabled=False, auth_required=False
-        )
-        result.append((listener(ListenerKind.MX, mx_protocol), smtp.mx.port))
+        result.append((listener(ListenerKind.MX, mx_protocol(base, has_certificate)), smtp.mx.port))
     return result
+
+
+def mx_protocol(base: ProtocolConfig, has_certificate: bool) -> ProtocolConfig:
+    """Port 25: AUTH is optional and only ever over TLS, as in the original, whose one
+    authenticator served every endpoint but allowed plaintext AUTH on 587 alone. Without
+    a certificate TLS never starts, so AUTH is not a command there at all."""
+    return attrs.evolve(
+        base,
+        tls_available=has_certificate,
+        auth_enabled=has_certificate,
+        auth_required=False,
+        allow_insecure_auth=False,
+    )
 
 
 def bind_socket(kind: ListenerKind, port: int) -> socket.socket:

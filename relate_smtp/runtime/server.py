@@ -20,10 +20,12 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry
 
-from relate_smtp.config import Settings
+from relate_smtp.config import Settings, is_host_name
 from relate_smtp.handlers.auth import Authenticator, LastUsedUpdater
+from relate_smtp.handlers.budget import MemoryBudget
 from relate_smtp.handlers.delivery import MessageDelivery, NewMailListener
 from relate_smtp.handlers.notify import Notifier
+from relate_smtp.handlers.parsing import MessageParser
 from relate_smtp.handlers.policy import ListenerKind, MailboxFilter
 from relate_smtp.protocol import TOO_MANY_CONNECTIONS
 from relate_smtp.runtime import checks
@@ -34,6 +36,7 @@ from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listen
 from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.runtime.proxy import ProxyProtocolError, is_trusted, read_proxy_header
 from relate_smtp.runtime.session import Listener, Services, Session, Timeouts
+from relate_smtp.runtime.spool import Spool
 from relate_smtp.runtime.streams import PrefixedStream
 from relate_smtp.runtime.tls import certificate_status
 from relate_smtp.storage import Store
@@ -88,9 +91,18 @@ class Server:
             max_total=smtp.max_connections,
             max_per_ip=smtp.max_connections_per_ip,
             exempt=smtp.connection_limit_exempt_networks,
+            ipv6_prefix_length=smtp.client_ipv6_prefix_length,
         )
+        self.budget = MemoryBudget(smtp.max_buffered_bytes, on_change=self.metrics.buffer_changed)
+        self.metrics.safely(lambda: self.metrics.buffer_budget.set(smtp.max_buffered_bytes))
+        self.spool = Spool(settings.storage.spool_path, threshold=smtp.spool_threshold_bytes)
         self.last_used = LastUsedUpdater(store)
-        self.authenticator = Authenticator(store, settings.security, last_used=self.last_used)
+        self.authenticator = Authenticator(
+            store,
+            settings.security,
+            last_used=self.last_used,
+            ipv6_prefix_length=smtp.client_ipv6_prefix_length,
+        )
         self.services = Services(
             store=store,
             authenticator=self.authenticator,
@@ -103,7 +115,12 @@ class Server:
             ),
             delivery=MessageDelivery(
                 store,
-                max_attachment_size=smtp.max_attachment_size_bytes,
+                budget=self.budget,
+                parser=MessageParser(
+                    max_attachment_size=smtp.max_attachment_size_bytes,
+                    mime_limits=smtp.mime.limits,
+                    parse_limits=smtp.mime.parse,
+                ),
                 discard=settings.storage.discard_messages,
                 metrics=self.metrics,
                 listener=new_mail_listener or self.notifier,
@@ -116,6 +133,7 @@ class Server:
                 tls_handshake=smtp.tls_handshake_timeout_seconds,
             ),
             tls_context=tls_context,
+            spool=self.spool,
         )
 
     # ---- listeners ------------------------------------------------------------------
@@ -146,6 +164,7 @@ class Server:
         smtp = self.settings.smtp
         if health:
             log_start(self.settings)
+        self.spool.remove_leftovers()
         async with trio.open_nursery() as background:
             await background.start(self.last_used.run)
             await background.start(self.notifier.run)
@@ -177,7 +196,7 @@ class Server:
                             submission_port=bound[0].port,
                             certificate_health=self._certificate_health,
                         )
-                        bound.append(
+                        bound.extend(
                             await start_health_server(
                                 background, self.settings, probe, self.metrics.registry
                             )
@@ -309,13 +328,13 @@ def health_checks(
     submission_port: int,
     certificate_health: Callable[[], checks.StatusLike],
 ) -> list[checks.HealthCheck]:
-    """SPEC §7's checks, in the original's order."""
+    """SPEC §7's checks, in the original's registration order, which is its JSON's."""
     health = settings.health_check
     probe = [
         checks.database_check(store),
-        checks.connection_pool_check(store),
         checks.disk_space_check(store_directory(settings)),
         checks.memory_check(),
+        checks.connection_pool_check(store),
         checks.smtp_check(
             "127.0.0.1",
             submission_port,
@@ -333,14 +352,14 @@ async def start_health_server(
     settings: Settings,
     probe: Sequence[checks.HealthCheck],
     registry: CollectorRegistry,
-) -> BoundListener:
-    health = settings.health_check
-    server = HealthServer(health.host, health.port, probe, registry)
+) -> list[BoundListener]:
+    """/healthz and /metrics on every endpoint of ``HealthCheck:Url``."""
+    server = HealthServer(settings.health_check.endpoints, probe, registry)
     try:
-        host, port = await nursery.start(server.serve)
+        bound = await nursery.start(server.serve)
     except HealthBindError as exc:
         raise StartupError("HealthCheck:Url", str(exc)) from None
-    return BoundListener(name="health", host=host, port=port, tls="none")
+    return [BoundListener(name="health", host=host, port=port, tls="none") for host, port in bound]
 
 
 def log_start(settings: Settings, *, workers: int = 1) -> None:
@@ -361,6 +380,12 @@ def log_start(settings: Settings, *, workers: int = 1) -> None:
             "MX endpoint enabled on port %d for domains: %s",
             smtp.mx.port,
             ", ".join(smtp.mx.hosted_domains),
+        )
+    if not is_host_name(smtp.server_name):
+        log.warning(
+            "Smtp:ServerName %r is not a domain name; clients see it in the greeting "
+            "and EHLO reply, where RFC 5321 expects one",
+            smtp.server_name,
         )
     if smtp.require_authentication and not smtp.allow_insecure_auth and not smtp.certificate_path:
         log.warning(

@@ -212,7 +212,7 @@ class Supervisor:
                 submission_port=bound[0].port,
                 certificate_health=self._certificate_health(),
             )
-            bound.append(await start_health_server(nursery, self.settings, probe, registry))
+            bound.extend(await start_health_server(nursery, self.settings, probe, registry))
             log_bound(bound)
             nursery.start_soon(self._forward_signals)
             async with trio.open_nursery() as workers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -36,6 +36,8 @@ __all__ = [
     "RecipientRow",
     "SavedEmail",
     "SchemaMissing",
+    "ServerConnectionCounter",
+    "ServerConnections",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -66,16 +68,38 @@ class PoolStats:
     maximum: int
 
 
+@attrs.frozen(kw_only=True)
+class ServerConnections:
+    """The database server's sessions on this database, and its ``max_connections``."""
+
+    active: int
+    maximum: int
+
+
+@runtime_checkable
+class ServerConnectionCounter(Protocol):
+    """A store in front of a database server with a connection limit (PostgreSQL).
+
+    What the ``connection-pool`` health check watches: every host sharing the database
+    counts, and a busy local pool is normal under load (SPEC §7).
+    """
+
+    async def server_connections(self) -> ServerConnections:
+        """Raises :class:`StoreError` when the server cannot tell."""
+        ...
+
+
 class Store(Protocol):
     """What the SMTP session needs from a database."""
 
     async def find_user_by_address(self, address: str) -> User | None:
-        """The user whose primary address, or a verified additional address, is ``address``
-        (case-insensitive)."""
+        """The user whose primary address, or an additional address (verified or not, as
+        the original's lookup), is ``address`` (case-insensitive); a primary address wins."""
         ...
 
     async def user_addresses(self, user_id: uuid.UUID) -> tuple[str, ...]:
-        """The user's primary and verified additional addresses, lower-cased."""
+        """The user's primary address and the additional addresses that belong to them
+        (not another user's primary), lower-cased."""
         ...
 
     async def candidate_api_keys(self, user_id: uuid.UUID, prefix: str) -> Sequence[ApiKey]:

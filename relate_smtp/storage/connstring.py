@@ -6,11 +6,11 @@ deployments (and most PaaS add-ons) hand out ``postgresql://`` URLs. Both are ac
 (SPEC §2).
 
 Npgsql rejects keys it does not know, and so do we: a typo such as ``Databse=`` must stop
-start-up rather than silently connect somewhere else. Keys Npgsql knows that only tune
-its own driver (keepalives, buffer sizes, enlisting, …) are accepted and ignored, so a
-string copied from the original keeps working. Keys whose meaning we cannot honour and
-that would change security or routing (client certificates, Kerberos, multiple hosts)
-are refused by name instead of ignored.
+start-up rather than silently connect somewhere else. Every keyword Npgsql 10 knows is
+accepted (SPEC §8), so a string copied from the original keeps working: those asyncpg
+can honour are applied (several hosts, TLS files, target session attributes, options,
+keepalives, …); the rest only tune Npgsql itself and are listed in
+:attr:`PostgresParams.ignored` for one start-up warning that names them.
 
 Error messages name the key and the problem but never echo the string or a value that
 might be the password.
@@ -18,23 +18,30 @@ might be the password.
 
 from __future__ import annotations
 
+import shlex
 import urllib.parse
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import attrs
 
-__all__ = ["DEFAULT_MAX_POOL_SIZE", "PostgresParams", "parse_connection_string", "redacted"]
+__all__ = [
+    "DEFAULT_MAX_POOL_SIZE",
+    "PostgresParams",
+    "connect_arguments",
+    "parse_connection_string",
+    "redacted",
+]
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
-# Npgsql's own default is 100, which is PostgreSQL's whole default ``max_connections``:
-# two hosts at that size exhaust the server. An SMTP save is a short transaction, so 20
-# connections carry thousands of messages a second; operators can raise it explicitly.
-DEFAULT_MAX_POOL_SIZE: Final = 20
+# Npgsql's default (SPEC §8): a connection string copied from the original sizes the
+# pool the same. Connections open on demand, so an idle host holds none.
+DEFAULT_MAX_POOL_SIZE: Final = 100
 DEFAULT_MIN_POOL_SIZE: Final = 0  # Npgsql's default: no connection is opened before use
 DEFAULT_CONNECT_TIMEOUT: Final = 15.0  # Npgsql "Timeout" default, seconds
 DEFAULT_COMMAND_TIMEOUT: Final = 30.0  # Npgsql "Command Timeout" default, seconds
 DEFAULT_PORT: Final = 5432
+DEFAULT_IDLE_LIFETIME: Final = 300.0  # Npgsql "Connection Idle Lifetime" default, seconds
 MAX_POOL_SIZE_LIMIT: Final = 1024  # Npgsql's upper bound for Maximum Pool Size
 
 
@@ -55,6 +62,25 @@ class PostgresParams:
     command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT
     application_name: str | None = "relate-smtp"
     search_path: str | None = None
+    # Hosts after the first, each with its port, tried in order (Npgsql's failover).
+    other_hosts: tuple[tuple[str, int], ...] = ()
+    load_balance_hosts: bool = False
+    target_session_attrs: str | None = None
+    passfile: str | None = None
+    ssl_root_certificate: str | None = None
+    ssl_certificate: str | None = None
+    ssl_key: str | None = None
+    ssl_password: str | None = attrs.field(default=None, repr=False)
+    ssl_direct: bool = False
+    kerberos_service_name: str | None = None
+    timezone: str | None = None
+    options: tuple[tuple[str, str], ...] = ()  # run-time parameters from Options
+    idle_lifetime: float = DEFAULT_IDLE_LIFETIME
+    pooling: bool = True
+    tcp_keepalive: bool = False
+    keepalive_idle: int | None = None  # seconds idle before the first TCP probe
+    keepalive_interval: int | None = None  # seconds between probes
+    ignored: tuple[str, ...] = ()  # keywords as written that have no effect here
 
 
 # --- Npgsql key/value form -------------------------------------------------------------
@@ -71,6 +97,7 @@ _SUPPORTED: Final[dict[str, str]] = {
     "username": "user",
     "user": "user",
     "userid": "user",
+    "uid": "user",
     "password": "password",
     "pwd": "password",
     "psw": "password",
@@ -84,64 +111,75 @@ _SUPPORTED: Final[dict[str, str]] = {
     "commandtimeout": "command_timeout",
     "applicationname": "application_name",
     "searchpath": "search_path",
+    "passfile": "passfile",
+    "rootcertificate": "ssl_root_certificate",
+    "sslcertificate": "ssl_certificate",
+    "sslkey": "ssl_key",
+    "sslpassword": "ssl_password",
+    "sslnegotiation": "ssl_direct",
+    "trustservercertificate": "trust_server_certificate",
+    "targetsessionattributes": "target_session_attrs",
+    "loadbalancehosts": "load_balance_hosts",
+    "kerberosservicename": "kerberos_service_name",
+    "krbsrvname": "kerberos_service_name",
+    "timezone": "timezone",
+    "options": "options",
+    "connectionidlelifetime": "idle_lifetime",
+    "pooling": "pooling",
+    "keepalive": "keepalive_idle",
+    "tcpkeepalive": "tcp_keepalive",
+    "tcpkeepalivetime": "keepalive_idle",
+    "tcpkeepaliveinterval": "keepalive_interval",
 }
 
-# Npgsql keywords that tune Npgsql itself; harmless to ignore here.
+# Npgsql keywords with no asyncpg counterpart: accepted, named in one start-up warning.
 _IGNORED: Final = frozenset(
     {
-        "pooling",  # asyncpg always pools; Pooling=false only cost Npgsql performance
-        "includeerrordetail",
-        "trustservercertificate",
+        "enlist",
+        "clientencoding",  # asyncpg always speaks UTF-8
+        "encoding",
+        "gssencryptionmode",
+        "checkcertificaterevocation",
+        "includerealm",
         "persistsecurityinfo",
         "logparameters",
-        "connectionidlelifetime",
+        "includeerrordetail",
+        "includefailedbatchedcommand",
+        "channelbinding",
+        "requireauth",
         "connectionpruninginterval",
         "connectionlifetime",
         "loadbalancetimeout",
         "cancellationtimeout",
-        "internalcommandtimeout",
-        "keepalive",
-        "tcpkeepalive",
-        "tcpkeepalivetime",
-        "tcpkeepaliveinterval",
-        "maxautoprepare",
-        "autoprepareminusages",
+        "hostrecheckseconds",
         "readbuffersize",
         "writebuffersize",
         "socketreceivebuffersize",
         "socketsendbuffersize",
+        "maxautoprepare",
+        "autoprepareminusages",
         "noresetonclose",
-        "enlist",
-        "servercompatibilitymode",
+        "replicationmode",
         "arraynullabilitymode",
+        "multiplexing",
+        "writecoalescingbufferthresholdbytes",
         "loadtablecomposites",
-        "checkcertificaterevocation",
-        "encoding",
-        "clientencoding",
+        "servercompatibilitymode",
+        "internalcommandtimeout",
     }
 )
 
-# Npgsql keywords whose effect we cannot reproduce and that must not be silently dropped.
-_UNSUPPORTED: Final = frozenset(
-    {
-        "sslcertificate",
-        "sslkey",
-        "sslpassword",
-        "rootcertificate",
-        "integratedsecurity",
-        "kerberosservicename",
-        "includerealm",
-        "gssencryptionmode",
-        "channelbinding",
-        "sslnegotiation",
-        "passfile",
-        "targetsessionattributes",
-        "loadbalancehosts",
-        "hostrecheckseconds",
-        "options",
-        "timezone",
-    }
-)
+# Npgsql's Target Session Attributes → asyncpg's; asyncpg has no prefer-primary, and
+# "any" is what it falls back to.
+_SESSION_ATTRS: Final[dict[str, str]] = {
+    "any": "any",
+    "primary": "primary",
+    "standby": "standby",
+    "preferprimary": "any",
+    "preferstandby": "prefer-standby",
+    "readwrite": "read-write",
+    "readonly": "read-only",
+}
 
 _SSL_MODES: Final[dict[str, SslMode]] = {
     "disable": "disable",
@@ -260,10 +298,91 @@ def _parse_ssl(key: str, value: str) -> SslMode:
     return mode
 
 
+def _parse_bool(key: str, value: str) -> bool:
+    """``true``/``false`` in any case, as .NET's Convert.ToBoolean reads them."""
+    word = value.strip().lower()
+    if word not in ("true", "false"):
+        raise ValueError(f"connection string: {key} must be true or false")
+    return word == "true"
+
+
+def _parse_seconds(key: str, value: str) -> int | None:
+    """Whole seconds; 0 (Npgsql: off) is None."""
+    return _parse_int(key, value, minimum=0) or None
+
+
+def _parse_session_attrs(key: str, value: str) -> str:
+    attrs_ = _SESSION_ATTRS.get(value.strip().replace("-", "").replace("_", "").lower())
+    if attrs_ is None:
+        raise ValueError(
+            f"connection string: {key} must be one of any, primary, standby, "
+            "prefer-primary, prefer-standby, read-write, read-only"
+        )
+    return attrs_
+
+
+def _parse_ssl_negotiation(key: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("postgres", "direct"):
+        raise ValueError(f"connection string: {key} must be Postgres or Direct")
+    return word == "direct"
+
+
+def _parse_options(key: str, value: str) -> tuple[tuple[str, str], ...]:
+    """libpq's ``options``: ``-c name=value`` / ``-cname=value`` / ``--name=value``."""
+    try:
+        tokens = shlex.split(value)
+    except ValueError:
+        raise ValueError(f"connection string: {key} is not a valid option list") from None
+    settings: list[tuple[str, str]] = []
+    tokens.reverse()
+    while tokens:
+        token = tokens.pop()
+        if token == "-c" and tokens:
+            token = tokens.pop()
+        elif token.startswith("--") or token.startswith("-c"):
+            token = token[2:]
+        else:
+            raise ValueError(f"connection string: {key} takes -c name=value settings only")
+        name, sep, setting = token.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"connection string: {key} takes -c name=value settings only")
+        settings.append((name.replace("-", "_"), setting))
+    return tuple(settings)
+
+
 def _apply(fields: dict[str, object], field: str, key: str, value: str) -> None:
     """Convert one recognised value into ``fields[field]``; ``key`` is for messages."""
-    if field in ("host", "database", "user", "application_name", "search_path"):
+    if field in (
+        "host",
+        "database",
+        "user",
+        "application_name",
+        "search_path",
+        "passfile",
+        "ssl_root_certificate",
+        "ssl_certificate",
+        "ssl_key",
+        "kerberos_service_name",
+        "timezone",
+        "ssl_password",
+    ):
         fields[field] = value or None
+    elif field in ("load_balance_hosts", "pooling", "tcp_keepalive"):
+        fields[field] = _parse_bool(key, value)
+    elif field == "trust_server_certificate":
+        _parse_bool(key, value)  # Npgsql 10: "no longer needed and does nothing"
+    elif field in ("keepalive_idle", "keepalive_interval"):
+        fields[field] = _parse_seconds(key, value)
+    elif field == "idle_lifetime":
+        fields[field] = float(_parse_int(key, value, minimum=0))
+    elif field == "target_session_attrs":
+        fields[field] = _parse_session_attrs(key, value)
+    elif field == "ssl_direct":
+        fields[field] = _parse_ssl_negotiation(key, value)
+    elif field == "options":
+        fields[field] = _parse_options(key, value)
     elif field == "password":
         fields[field] = value
     elif field == "port":
@@ -282,26 +401,48 @@ def _apply(fields: dict[str, object], field: str, key: str, value: str) -> None:
 
 def _parse_key_value(text: str) -> dict[str, object]:
     fields: dict[str, object] = {}
+    ignored: dict[str, str] = {}
     for key, value in _split_pairs(text):
         norm = _normalise_key(key)
         field = _SUPPORTED.get(norm)
         if field is None:
             if norm in _IGNORED:
+                ignored[norm] = key.strip()
                 continue
-            if norm in _UNSUPPORTED:
-                raise ValueError(f"connection string: {key!r} is not supported by relate-smtp")
             raise ValueError(f"connection string: unknown key {key!r}")
         # A repeated key (or two synonyms) keeps the last value, as in Npgsql.
         _apply(fields, field, key, value)
+    fields["ignored"] = tuple(ignored.values())
     host = fields.get("host")
-    if isinstance(host, str) and "," in host:
-        raise ValueError("connection string: multiple hosts are not supported by relate-smtp")
-    if isinstance(host, str) and not host.startswith("/") and host.count(":") == 1:
-        # Npgsql accepts "Host=db:5433"
-        name, _, port = host.partition(":")
-        fields["host"] = name
-        fields["port"] = _parse_int("Host port", port, minimum=1, maximum=65535)
+    if isinstance(host, str):
+        _split_hosts(fields, host)
     return fields
+
+
+def _host_and_port(spec: str) -> tuple[str, int | None]:
+    """``name``, ``name:port``, ``[v6]:port``, a bare IPv6 address or a socket directory."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        name, _, rest = spec[1:].partition("]")
+        if rest.startswith(":"):
+            return name, _parse_int("Host port", rest[1:], minimum=1, maximum=65535)
+        return name, None
+    if not spec.startswith("/") and spec.count(":") == 1:
+        name, _, port = spec.partition(":")
+        return name, _parse_int("Host port", port, minimum=1, maximum=65535)
+    return spec, None
+
+
+def _split_hosts(fields: dict[str, object], host: str) -> None:
+    """Npgsql's ``Host=a:5433,b``: each host may carry its port, else Port applies."""
+    default_port = fields.get("port", DEFAULT_PORT)
+    assert isinstance(default_port, int)
+    hosts = [_host_and_port(spec) for spec in host.split(",")]
+    if any(not name for name, _ in hosts):
+        raise ValueError("connection string: Host has an empty entry in its list")
+    resolved = [(name, port if port is not None else default_port) for name, port in hosts]
+    (fields["host"], fields["port"]), *rest = resolved
+    fields["other_hosts"] = tuple(rest)
 
 
 # --- URL form --------------------------------------------------------------------------
@@ -320,6 +461,14 @@ _URL_QUERY: Final[dict[str, str]] = {
     "min_pool_size": "min_pool_size",
     "max_pool_size": "max_pool_size",
     "search_path": "search_path",
+    "passfile": "passfile",
+    "sslrootcert": "ssl_root_certificate",
+    "sslcert": "ssl_certificate",
+    "sslkey": "ssl_key",
+    "sslpassword": "ssl_password",
+    "target_session_attrs": "target_session_attrs",
+    "krbsrvname": "kerberos_service_name",
+    "options": "options",
 }
 
 
@@ -360,7 +509,7 @@ def _parse_url(text: str) -> dict[str, object]:
         _apply(fields, field, key, value)
     host = fields.get("host")
     if isinstance(host, str) and "," in host:
-        raise ValueError("connection string: multiple hosts are not supported by relate-smtp")
+        _split_hosts(fields, host)
     return fields
 
 
@@ -399,6 +548,7 @@ def redacted(params: PostgresParams) -> str:
     parts = [
         f"host={params.host}",
         f"port={params.port}",
+        *(f"host={host}:{port}" for host, port in params.other_hosts),
         f"database={params.database or '(default)'}",
         f"user={params.user or '(default)'}",
         f"password={'***' if params.password else '(none)'}",
@@ -408,3 +558,53 @@ def redacted(params: PostgresParams) -> str:
         f"command_timeout={params.command_timeout}s",
     ]
     return " ".join(parts)
+
+
+def connect_arguments(params: PostgresParams) -> dict[str, Any]:
+    """The keyword arguments of ``asyncpg.connect`` (and so ``create_pool``) for ``params``.
+
+    TLS files travel in a libpq-style DSN query, so asyncpg applies libpq's (and since
+    Npgsql 8, Npgsql's) rules for them: with ``sslrootcert`` even ``require`` verifies.
+    """
+    hosts = [(params.host, params.port), *params.other_hosts]
+    args: dict[str, Any] = {
+        "host": params.host if len(hosts) == 1 else [h for h, _ in hosts],
+        "port": params.port if len(hosts) == 1 else [p for _, p in hosts],
+        "user": params.user,
+        "password": params.password,
+        "database": params.database,
+        "ssl": params.ssl,
+        "server_settings": _server_settings(params) or None,
+    }
+    tls_files = {
+        "sslrootcert": params.ssl_root_certificate,
+        "sslcert": params.ssl_certificate,
+        "sslkey": params.ssl_key,
+        "sslpassword": params.ssl_password,
+    }
+    query = {name: value for name, value in tls_files.items() if value is not None}
+    if query:
+        if params.ssl is not None:
+            query["sslmode"] = params.ssl
+        args["ssl"] = None
+        args["dsn"] = "postgresql://?" + urllib.parse.urlencode(query)
+    optional = {
+        "passfile": params.passfile,
+        "target_session_attrs": params.target_session_attrs,
+        "krbsrvname": params.kerberos_service_name,
+        "direct_tls": True if params.ssl_direct else None,
+    }
+    args.update({name: value for name, value in optional.items() if value is not None})
+    return args
+
+
+def _server_settings(params: PostgresParams) -> dict[str, str]:
+    """Run-time parameters sent at connect: Options first, the named keywords win."""
+    settings = dict(params.options)
+    named = {
+        "application_name": params.application_name,
+        "search_path": params.search_path,
+        "TimeZone": params.timezone,
+    }
+    settings.update({name: value for name, value in named.items() if value})
+    return settings

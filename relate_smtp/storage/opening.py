@@ -3,11 +3,16 @@ embedded SQLite file."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import trio
+
 from relate_smtp.config import Settings
 from relate_smtp.storage import AdminStore, StoreError
+
+log = logging.getLogger(__name__)
 
 
 class StoreOpenError(StoreError):
@@ -25,6 +30,12 @@ async def open_store(settings: Settings) -> AsyncIterator[AdminStore]:
     from relate_smtp.storage.sqlite import SqliteStore
 
     path = settings.storage.sqlite_path
+    # SPEC §2: say where mail goes, so nobody mistakes a local file for the platform's
+    # database (the original falls back to a development database with a warning too).
+    log.warning(
+        "ConnectionStrings:DefaultConnection is empty: storing mail in the embedded SQLite file %s",
+        await trio.Path(path).absolute(),
+    )
     try:
         store: AdminStore = await SqliteStore.open(path)
     except StoreError as exc:

@@ -27,8 +27,8 @@ alone; a lost connection fails the whole batch with :class:`StoreUnavailable` an
 the batch being one statement, leaves nothing partial.
 
 Queries and EF's indexes: the platform's ``IX_Users_Email`` is a plain index on
-``"Email"``, not on ``lower("Email")``, and ``"UserEmailAddresses"."Address"`` has no
-index at all. Matching must be case-insensitive (SPEC §3, §4), so a single-address
+``"Email"``, not on ``lower("Email")``, and ``IX_UserEmailAddresses_Address`` is a plain
+index on ``"Address"``. Matching must be case-insensitive (SPEC §3, §4), so a single-address
 lookup first tries the exact spelling (served by ``IX_Users_Email``, the common case for
 addresses typed the way they were registered) and only falls back to ``lower()`` scans
 when that finds nothing; PostgreSQL's Append node stops at the first branch that
@@ -46,6 +46,7 @@ import inspect
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -53,7 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import asyncpg
 import attrs
@@ -68,12 +69,17 @@ from relate_smtp.storage import (
     RecipientRow,
     SavedEmail,
     SchemaMissing,
+    ServerConnections,
     StoredEmail,
     StoreError,
     StoreUnavailable,
     User,
 )
-from relate_smtp.storage.connstring import PostgresParams, parse_connection_string
+from relate_smtp.storage.connstring import (
+    PostgresParams,
+    connect_arguments,
+    parse_connection_string,
+)
 from relate_smtp.storage.records import (
     CONTENT_TYPE_MAX,
     DISPLAY_NAME_MAX,
@@ -98,6 +104,10 @@ log = logging.getLogger(__name__)
 CLI_OIDC_ISSUER: Final = "relate-smtp-cli"  # SPEC §9: users made by `relate-smtp users add`
 PING_TIMEOUT: Final = 5.0  # SPEC §7: the database health check fails after 5 s
 CLOSE_TIMEOUT: Final = 5.0  # graceful pool close before connections are cut
+_SERVER_CONNECTIONS: Final = """
+SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())::int,
+       (SELECT setting::int FROM pg_settings WHERE name = 'max_connections')
+"""
 # Group commit bounds. Twenty-odd concurrent deliveries fit in one batch; the byte cap
 # keeps one statement's encoded arguments (and a failed batch's retry) small.
 MAX_BATCH: Final = 64
@@ -160,23 +170,32 @@ _TRANSIENT_SQLSTATES: Final = frozenset({"55P03"})  # lock_not_available
 
 _USER_COLUMNS = 'u."Id", u."Email", u."DisplayName"'
 
-# Exact spelling first (uses IX_Users_Email), then case-insensitive, then verified aliases.
+# Exact spelling first (uses IX_Users_Email), then case-insensitive, then additional
+# addresses verified or not (SPEC §4: the platform adds them unverified and cannot verify
+# them; the original's GetByEmailAsync ignores IsVerified). An address several users list
+# belongs to the lowest user id, as in _SAVE_BATCH's `owner`.
 _FIND_USER = f"""
 (SELECT {_USER_COLUMNS} FROM "Users" u WHERE u."Email" = $1 LIMIT 1)
 UNION ALL
 (SELECT {_USER_COLUMNS} FROM "Users" u WHERE lower(u."Email") = lower($1) LIMIT 1)
 UNION ALL
 (SELECT {_USER_COLUMNS} FROM "UserEmailAddresses" a JOIN "Users" u ON u."Id" = a."UserId"
- WHERE a."IsVerified" AND lower(a."Address") = lower($1) LIMIT 1)
+ WHERE lower(a."Address") = lower($1) ORDER BY u."Id" LIMIT 1)
 LIMIT 1
 """
 
+# The user's primary address, then each additional address that belongs to them: not
+# another user's primary (SPEC §4) nor listed by a user with a lower id (_FIND_USER).
 _USER_ADDRESSES = """
 SELECT 0 AS rank, lower("Email") AS address, NULL::timestamptz AS added, "Id" AS id
 FROM "Users" WHERE "Id" = $1
 UNION ALL
-SELECT 1, lower("Address"), "AddedAt", "Id"
-FROM "UserEmailAddresses" WHERE "UserId" = $1 AND "IsVerified"
+SELECT 1, lower(a."Address"), a."AddedAt", a."Id"
+FROM "UserEmailAddresses" a WHERE a."UserId" = $1
+AND NOT EXISTS (SELECT 1 FROM "Users" o
+    WHERE o."Id" <> $1 AND lower(o."Email") = lower(a."Address"))
+AND NOT EXISTS (SELECT 1 FROM "UserEmailAddresses" o
+    WHERE o."UserId" < $1 AND lower(o."Address") = lower(a."Address"))
 ORDER BY rank, added, id
 """
 
@@ -205,7 +224,7 @@ SELECT 0 AS rank, lower(u."Email") AS address, u."Id" AS id
 FROM "Users" u WHERE lower(u."Email") = ANY($1::text[])
 UNION ALL
 SELECT 1, lower(a."Address"), a."UserId"
-FROM "UserEmailAddresses" a WHERE a."IsVerified" AND lower(a."Address") = ANY($1::text[])
+FROM "UserEmailAddresses" a WHERE lower(a."Address") = ANY($1::text[])
 UNION ALL
 (SELECT 2, NULL, COALESCE(e."ThreadId", e."Id") FROM "Emails" e
  WHERE e."MessageId" IN ($2, $3) ORDER BY e."ReceivedAt", e."Id" LIMIT 1)
@@ -215,9 +234,10 @@ UNION ALL
 # a whole: one round trip and one WAL flush however many messages and rows it carries.
 # Under READ COMMITTED a separate lookup first would add a round trip and no guarantee.
 #
-# It resolves the batch's addresses to users (`owner`: primary rank 0 beats a verified
-# alias rank 1) and each reply's thread (`thread`: the parent is the earliest message
-# stored with that Message-ID, compared bare and bracketed because MimeKit stored it
+# It resolves the batch's addresses to users (`owner`: primary rank 0 beats an
+# additional address, verified or not, rank 1; ties go to the lowest user id) and each
+# reply's thread (`thread`: the parent is the earliest message stored with that
+# Message-ID, compared bare and bracketed because MimeKit stored it
 # bare and other writers did not), then applies `records.link_recipients` in SQL:
 #   - `env`: each user the envelope names, once, with the first envelope address naming
 #     them (envelope ids are time-ordered, so `ORDER BY v.id` is envelope order);
@@ -250,7 +270,7 @@ WITH msg AS (
     FROM "Users" u WHERE lower(u."Email") = ANY($24::text[])
     UNION ALL
     SELECT 1, lower(a."Address"), a."UserId"
-    FROM "UserEmailAddresses" a WHERE a."IsVerified" AND lower(a."Address") = ANY($24::text[])
+    FROM "UserEmailAddresses" a WHERE lower(a."Address") = ANY($24::text[])
 ), owner AS (
     SELECT DISTINCT ON (key) key, user_id FROM found ORDER BY key, rank, user_id
 ), thread AS (
@@ -322,13 +342,215 @@ WHERE c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
   AND pg_catalog.pg_table_is_visible(c.oid)
 """
 
-# Serialises concurrent `db init` runs (several hosts starting at once): concurrent
-# CREATE TABLE IF NOT EXISTS can otherwise fail on the catalog's unique indexes.
+# Serialises concurrent `db init` runs (several hosts starting at once): both would
+# otherwise find the database empty and the second fail on the first one's tables.
 _INIT_LOCK = "SELECT pg_advisory_xact_lock(hashtext('relate-smtp db init'))"
 
 
 def _schema_sql() -> str:
     return resources.files("relate_smtp.storage").joinpath("schema/postgres.sql").read_text()
+
+
+# `db init` (SPEC §8): the platform's EF model, its migration history, and how a database
+# that is neither empty nor the platform's is reported.
+_HISTORY: Final = "__EFMigrationsHistory"
+_HISTORY_ROWS: Final = 'SELECT "MigrationId" FROM "__EFMigrationsHistory" ORDER BY "MigrationId"'
+# Relations an unqualified name resolves to, as the script's statements would see them.
+_VISIBLE: Final = """
+SELECT name FROM unnest($1::text[]) AS name
+WHERE pg_catalog.to_regclass(pg_catalog.quote_ident(name)) IS NOT NULL
+"""
+_CURRENT_NAMESPACE: Final = (
+    "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = pg_catalog.current_schema()"
+)
+# One line per column, constraint and index of the named tables in one namespace, free
+# of schema names and OIDs so that two namespaces compare line by line.
+_SCHEMA_FACTS: Final = """
+WITH t AS (
+    SELECT c.oid, c.relname FROM pg_catalog.pg_class c
+    WHERE c.relnamespace = $1 AND c.relkind IN ('r', 'p') AND c.relname = ANY($2::text[])
+),
+col AS (
+    SELECT a.attrelid, a.attnum, format('%I', a.attname) AS name
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attnum > 0 AND NOT a.attisdropped
+)
+SELECT t.relname, format('table %I', t.relname) AS fact FROM t
+UNION ALL
+SELECT t.relname, format(
+    'column %I.%s %s%s%s', t.relname, c.name,
+    pg_catalog.format_type(a.atttypid, a.atttypmod),
+    CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE ' NULL' END,
+    COALESCE(' DEFAULT ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid), ''))
+FROM t
+JOIN col c ON c.attrelid = t.oid
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.attrelid AND a.attnum = c.attnum
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+UNION ALL
+SELECT t.relname, format(
+    'constraint %I on %I: %s (%s)%s', k.conname, t.relname,
+    CASE k.contype
+        WHEN 'p' THEN 'PRIMARY KEY' WHEN 'f' THEN 'FOREIGN KEY' WHEN 'u' THEN 'UNIQUE'
+        ELSE 'CHECK ' || pg_catalog.pg_get_expr(k.conbin, k.conrelid)
+    END,
+    (SELECT string_agg(c.name, ', ' ORDER BY u.n)
+     FROM unnest(k.conkey) WITH ORDINALITY AS u(num, n)
+     JOIN col c ON c.attrelid = k.conrelid AND c.attnum = u.num),
+    CASE WHEN k.contype = 'f' THEN format(
+        ' REFERENCES %I (%s) ON DELETE %s', r.relname,
+        (SELECT string_agg(c.name, ', ' ORDER BY u.n)
+         FROM unnest(k.confkey) WITH ORDINALITY AS u(num, n)
+         JOIN col c ON c.attrelid = k.confrelid AND c.attnum = u.num),
+        CASE k.confdeltype
+            WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
+            WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION'
+        END)
+    ELSE '' END)
+FROM t
+JOIN pg_catalog.pg_constraint k ON k.conrelid = t.oid AND k.contype IN ('p', 'f', 'u', 'c')
+LEFT JOIN pg_catalog.pg_class r ON r.oid = k.confrelid
+UNION ALL
+SELECT t.relname, format(
+    'index %I on %I: %s(%s)%s', i.relname, t.relname,
+    CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END,
+    (SELECT string_agg(c.name, ', ' ORDER BY u.n)
+     FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS u(num, n)
+     JOIN col c ON c.attrelid = x.indrelid AND c.attnum = u.num),
+    COALESCE(' WHERE ' || pg_catalog.pg_get_expr(x.indpred, x.indrelid), ''))
+FROM t
+JOIN pg_catalog.pg_index x ON x.indrelid = t.oid
+JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid
+WHERE NOT EXISTS (  -- a key's own index is reported as the key
+    SELECT 1 FROM pg_catalog.pg_constraint k
+    WHERE k.conindid = x.indexrelid AND k.contype IN ('p', 'u', 'x')
+)
+"""
+_Facts = set[tuple[str, str]]
+
+
+async def _host_columns(con: asyncpg.Connection) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for row in await con.fetch(_SCHEMA_COLUMNS, list(REQUIRED_COLUMNS)):
+        found.setdefault(row["relname"], set()).add(row["attname"])
+    return found
+
+
+def _host_schema_problem(found: Mapping[str, set[str]]) -> str | None:
+    """What the host's tables lack, or None."""
+    missing_tables = [t for t in REQUIRED_COLUMNS if t not in found]
+    if missing_tables:
+        return "the database has no " + ", ".join(f'"{t}"' for t in missing_tables) + " table(s)"
+    problems = [
+        f'"{table}" lacks ' + ", ".join(f'"{c}"' for c in sorted(columns - found[table]))
+        for table, columns in REQUIRED_COLUMNS.items()
+        if columns - found[table]
+    ]
+    if problems:
+        return "the Relate tables do not match what relate-smtp expects: " + "; ".join(problems)
+    return None
+
+
+async def _require_host_schema(con: asyncpg.Connection, applied: Sequence[str]) -> None:
+    """On the platform's database, refuse (changing nothing) when the host's tables or
+    columns are absent: only the platform's migrations may add them."""
+    problem = _host_schema_problem(await _host_columns(con))
+    if problem is not None:
+        raise SchemaMissing(
+            f'{problem}, though "{_HISTORY}" lists {len(applied)} migration(s): the '
+            "platform's migrations manage this database and `relate-smtp db init` changed "
+            "nothing; migrate it with the platform"
+        )
+
+
+def _model_tables(script: str) -> list[str]:
+    """The platform's tables, in the order the migrations create them."""
+    return re.findall(r'^CREATE TABLE "(\w+)"', script, re.MULTILINE)
+
+
+def _model_migrations(script: str) -> list[str]:
+    """The migration ids the script records in the history, in EF's order."""
+    return re.findall(r"^VALUES \('(\w+)', '[^']*'\);", script, re.MULTILINE)
+
+
+async def _visible(con: asyncpg.Connection, names: Sequence[str]) -> list[str]:
+    return [row["name"] for row in await con.fetch(_VISIBLE, list(names))]
+
+
+async def _applied_migrations(con: asyncpg.Connection) -> list[str] | None:
+    """The history's migration ids, or None without a history table. Reading it holds
+    ACCESS SHARE until commit: the platform's migrator (which locks the table ACCESS
+    EXCLUSIVE) cannot start in between, and one already running is waited for."""
+    if not await _visible(con, [_HISTORY]):
+        return None
+    return [row["MigrationId"] for row in await con.fetch(_HISTORY_ROWS)]
+
+
+async def _facts(con: asyncpg.Connection, namespace: int, tables: Sequence[str]) -> _Facts:
+    return {
+        (row["relname"], row["fact"])
+        for row in await con.fetch(_SCHEMA_FACTS, namespace, list(tables))
+    }
+
+
+async def _expected_facts(
+    con: asyncpg.Connection, script: str, tables: Sequence[str]
+) -> _Facts | None:
+    """The catalog the script makes, built among this session's temporary tables (no
+    privilege beyond TEMP needed) inside a savepoint that is rolled back; None when the
+    server does not allow it."""
+    try:
+        async with con.transaction():
+            await con.execute("SET LOCAL search_path = pg_temp")
+            await con.execute(script)
+            namespace = await con.fetchval("SELECT pg_catalog.pg_my_temp_schema()")
+            facts = await _facts(con, namespace, tables)
+            raise _Discard(facts)
+    except _Discard as discarded:
+        return discarded.facts
+    except asyncpg.PostgresError as exc:
+        log.debug("cannot build the platform's schema for comparison: %s", exc)
+        return None
+
+
+class _Discard(Exception):
+    """Leaves a savepoint by rollback, carrying what was learnt inside it."""
+
+    def __init__(self, facts: _Facts) -> None:
+        super().__init__("rolled back on purpose")
+        self.facts = facts
+
+
+def _differences(expected: _Facts, actual: _Facts) -> list[str]:
+    """What the database lacks or has on top, table by table (a missing table once)."""
+    present = {table for table, _ in actual}
+    lines = [f'missing table "{t}"' for t in sorted({t for t, _ in expected} - present)]
+    lines += [f"missing {fact}" for t, fact in sorted(expected - actual) if t in present]
+    lines += [f"unexpected {fact}" for _, fact in sorted(actual - expected)]
+    return lines
+
+
+async def _report_unmanaged(
+    con: asyncpg.Connection, script: str, present: Sequence[str]
+) -> NoReturn:
+    """Tables of the model but no migration history: EF would try to create them again,
+    so say what differs from the platform's schema and change nothing."""
+    tables = _model_tables(script)
+    actual = await _facts(con, await con.fetchval(_CURRENT_NAMESPACE), tables)
+    expected = await _expected_facts(con, script, tables)
+    if expected is None:
+        detail = ["present: " + ", ".join(f'"{t}"' for t in present)]
+    else:
+        detail = _differences(expected, actual) or [
+            "no differences in tables, columns, constraints or indexes"
+        ]
+    raise SchemaMissing(
+        f"the database has {len(present)} of the platform's {len(tables)} tables but no "
+        f'migration history ("{_HISTORY}" missing or empty), so the platform\'s EF '
+        "migrations would fail on it; `relate-smtp db init` changed nothing (bring the "
+        "tables to the platform's schema with its history rows, or start from an empty "
+        "database). "
+        "Compared with the platform's schema: " + "; ".join(detail)
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -484,14 +706,17 @@ def _stored_email(
 
 def _create_pool(params: PostgresParams) -> asyncpg.Pool:
     """Build the pool object without connecting (awaiting it connects ``init_size``)."""
-    server_settings: dict[str, str] = {}
-    if params.application_name:
-        server_settings["application_name"] = params.application_name
-    if params.search_path:
-        server_settings["search_path"] = params.search_path
     sizes: dict[str, int] = {"min_size": params.min_pool_size, "max_size": params.max_pool_size}
     options = inspect.signature(asyncpg.create_pool).parameters
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {
+        "max_inactive_connection_lifetime": params.idle_lifetime,
+        # Pooling=false: Npgsql closes the physical connection on every close.
+        "max_queries": 50000 if params.pooling else 1,
+    }
+    if params.tcp_keepalive or params.keepalive_idle or params.keepalive_interval:
+        extra["init"] = functools.partial(_set_keepalive, params)
+    if params.load_balance_hosts and params.other_hosts:
+        extra["connect"] = _connect_to_a_random_host_first
     if "reset" in options:
         extra["reset"] = _keep_session
     if "init_size" in options:
@@ -499,18 +724,37 @@ def _create_pool(params: PostgresParams) -> asyncpg.Pool:
     else:  # older asyncpg would connect min_size at creation and fail while PG is down
         sizes["min_size"] = 0
     return asyncpg.create_pool(
-        host=params.host,
-        port=params.port,
-        user=params.user,
-        password=params.password,
-        database=params.database,
-        ssl=params.ssl,
+        **connect_arguments(params),
         timeout=params.connect_timeout if params.connect_timeout is not None else 3600.0,
         command_timeout=params.command_timeout,
-        server_settings=server_settings or None,
         **sizes,
         **extra,
     )
+
+
+async def _set_keepalive(params: PostgresParams, con: asyncpg.Connection) -> None:
+    """Keepalive / TCP Keepalive*: TCP probes on each new connection, so a peer that
+    vanished (a failed-over primary, a dropped NAT entry) is noticed while idle."""
+    transport = getattr(con, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    tunables = (
+        (getattr(socket, "TCP_KEEPIDLE", None), params.keepalive_idle),
+        (getattr(socket, "TCP_KEEPINTVL", None), params.keepalive_interval),
+    )
+    for option, seconds in tunables:
+        if option is not None and seconds:
+            sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
+
+
+async def _connect_to_a_random_host_first(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """Load Balance Hosts=true: each new connection tries the hosts in a random order."""
+    hosts = list(zip(kwargs["host"], kwargs["port"], strict=True))
+    secrets.SystemRandom().shuffle(hosts)
+    kwargs["host"], kwargs["port"] = [h for h, _ in hosts], [p for _, p in hosts]
+    return await asyncpg.connect(*args, **kwargs)
 
 
 async def _keep_session(con: asyncpg.Connection) -> None:
@@ -802,6 +1046,15 @@ class PostgresStore:
 
         await self._run(self._with_connection, op, PING_TIMEOUT)
 
+    async def server_connections(self) -> ServerConnections:
+        """The original's connection-pool query: sessions of every host on this database."""
+
+        async def op(con: asyncpg.Connection) -> ServerConnections:
+            row = await con.fetchrow(_SERVER_CONNECTIONS, timeout=PING_TIMEOUT)
+            return ServerConnections(active=row[0], maximum=row[1])
+
+        return await self._run(self._with_connection, op, PING_TIMEOUT)
+
     def pool_stats(self) -> PoolStats:
         size = self._pool.get_size()
         idle = self._pool.get_idle_size()
@@ -842,48 +1095,58 @@ class PostgresStore:
         """Raise :class:`SchemaMissing` when a Relate table or column this host uses is
         absent (the server calls this at start-up), :class:`StoreUnavailable` when the
         database cannot be reached."""
-
-        async def op(con: asyncpg.Connection) -> dict[str, set[str]]:
-            found: dict[str, set[str]] = {}
-            for row in await con.fetch(_SCHEMA_COLUMNS, list(REQUIRED_COLUMNS)):
-                found.setdefault(row["relname"], set()).add(row["attname"])
-            return found
-
-        found = await self._run(self._with_connection, op)
-        missing_tables = [t for t in REQUIRED_COLUMNS if t not in found]
-        if missing_tables:
-            names = ", ".join(f'"{t}"' for t in missing_tables)
-            raise SchemaMissing(
-                f"the database has no {names} table(s); "
-                "run `relate-smtp db init` to create the Relate tables"
-            )
-        problems = [
-            f'"{table}" lacks ' + ", ".join(f'"{c}"' for c in sorted(columns - found[table]))
-            for table, columns in REQUIRED_COLUMNS.items()
-            if columns - found[table]
-        ]
-        if problems:
-            raise SchemaMissing(
-                "the Relate tables do not match what relate-smtp expects: "
-                + "; ".join(problems)
-                + " (`relate-smtp db init` never alters existing tables; "
-                "migrate the database with the platform)"
-            )
+        found = await self._run(self._with_connection, _host_columns)
+        problem = _host_schema_problem(found)
+        if problem is None:
+            return
+        if any(t not in found for t in REQUIRED_COLUMNS):
+            raise SchemaMissing(f"{problem}; run `relate-smtp db init` to create the Relate tables")
+        raise SchemaMissing(
+            f"{problem} (`relate-smtp db init` never alters existing tables; "
+            "migrate the database with the platform)"
+        )
 
     async def init_schema(self) -> None:
-        """Create the Relate tables and indexes that are missing (``relate-smtp db init``).
+        """Leave the database as the platform's EF migrations would (``relate-smtp db
+        init``, SPEC §8).
 
-        Idempotent; never drops or alters what exists. One transaction, serialised
-        across hosts by an advisory lock.
+        With no table of the platform's model and no migration rows, run the script: every
+        table, index and history row, in one transaction. With migration rows, the
+        platform's migrations own the database: change nothing, and refuse if the host's
+        tables or columns are absent. With tables but no rows, EF would try to create
+        them again: change nothing and report what differs. Serialised across hosts by
+        an advisory lock, and with the platform's migrator through the history table.
         """
         script = _schema_sql()
 
-        async def op(con: asyncpg.Connection) -> None:
+        async def op(con: asyncpg.Connection) -> list[str]:
             async with con.transaction():
                 await con.execute(_INIT_LOCK)
+                applied = await _applied_migrations(con)
+                if applied:
+                    await _require_host_schema(con, applied)
+                    return applied
+                present = await _visible(con, _model_tables(script))
+                if present:
+                    await _report_unmanaged(con, script, present)
                 await con.execute(script)
+                return []
 
-        await self._run(self._with_connection, op)
+        applied = await self._run(self._with_connection, op)
+        if not applied:
+            log.info("created the platform's schema and its migration history")
+            return
+        pending = [m for m in _model_migrations(script) if m not in applied]
+        log.info(
+            "the platform's migrations manage this database (%d applied); nothing changed",
+            len(applied),
+        )
+        if pending:
+            log.warning(
+                "the database lacks the platform migrations %s; the platform applies them"
+                " when it migrates",
+                ", ".join(pending),
+            )
 
     # -- AdminStore --
 
@@ -1220,6 +1483,12 @@ async def open_postgres_store(
     of nurseries opened outside it; they must not be called after it exits.
     """
     params = parse_connection_string(connection) if isinstance(connection, str) else connection
+    if params.ignored:
+        log.warning(
+            "ConnectionStrings:DefaultConnection: %s accepted but has no effect here "
+            "(Npgsql-only settings)",
+            ", ".join(params.ignored),
+        )
     existing = trio_asyncio.current_loop.get()
     if existing is not None:
         async with _store_on(existing, params) as store:

@@ -142,7 +142,7 @@ def link_recipients(
 ) -> tuple[RecipientRow, ...]:
     """Apply SPEC §5/§10's envelope truth to build the ``EmailRecipients`` rows.
 
-    ``users_by_address`` maps lower-cased addresses (primary or verified alias) to user
+    ``users_by_address`` maps lower-cased addresses (primary or additional) to user
     ids. A header row is linked only when its user is also an envelope recipient (a
     header alone never delivers to a local user); an envelope recipient whose user no
     header row links gets a ``Bcc`` row; each user is linked at most once.

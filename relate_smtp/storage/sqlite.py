@@ -278,24 +278,39 @@ def _in_read_transaction(work: Callable[[sqlite3.Connection], T], conn: sqlite3.
 
 # --- queries -------------------------------------------------------------------------
 
+# Additional addresses count verified or not (SPEC §4: the platform adds them unverified
+# and cannot verify them); a primary address beats them, then the lowest user id wins.
 _USERS_BY_ADDRESSES = """
 SELECT u."Email", u."Id", 0 AS "Rank" FROM "Users" u
  WHERE lower(u."Email") IN (SELECT value FROM json_each(?1))
 UNION ALL
 SELECT a."Address", a."UserId", 1 AS "Rank" FROM "UserEmailAddresses" a
- WHERE a."IsVerified" = 1 AND lower(a."Address") IN (SELECT value FROM json_each(?1))
+ WHERE lower(a."Address") IN (SELECT value FROM json_each(?1))
 ORDER BY "Rank", 2
 """
 
 _FIND_USER = """
 SELECT "Id", "Email", "DisplayName" FROM (
-  SELECT u."Id", u."Email", u."DisplayName", 0 AS "Rank", u."CreatedAt" FROM "Users" u
+  SELECT u."Id", u."Email", u."DisplayName", 0 AS "Rank" FROM "Users" u
    WHERE lower(u."Email") = ?1
   UNION ALL
-  SELECT u."Id", u."Email", u."DisplayName", 1 AS "Rank", u."CreatedAt"
+  SELECT u."Id", u."Email", u."DisplayName", 1 AS "Rank"
     FROM "UserEmailAddresses" a JOIN "Users" u ON u."Id" = a."UserId"
-   WHERE a."IsVerified" = 1 AND lower(a."Address") = ?1
-) ORDER BY "Rank", "CreatedAt", "Id" LIMIT 1
+   WHERE lower(a."Address") = ?1
+) ORDER BY "Rank", "Id" LIMIT 1
+"""
+
+# The user's primary address, then each additional address that belongs to them: not
+# another user's primary (SPEC §4) nor listed by a user with a lower id (_FIND_USER).
+_USER_ADDRESSES = """
+SELECT "Email", 0 FROM "Users" WHERE "Id" = ?1
+UNION ALL
+SELECT a."Address", 1 FROM "UserEmailAddresses" a WHERE a."UserId" = ?1
+ AND NOT EXISTS (SELECT 1 FROM "Users" o
+  WHERE o."Id" <> ?1 AND lower(o."Email") = lower(a."Address"))
+ AND NOT EXISTS (SELECT 1 FROM "UserEmailAddresses" o
+  WHERE o."UserId" < ?1 AND lower(o."Address") = lower(a."Address"))
+ORDER BY 2, 1
 """
 
 _PARENT = """
@@ -698,12 +713,7 @@ class SqliteStore:
 
     async def user_addresses(self, user_id: uuid.UUID) -> tuple[str, ...]:
         def work(conn: sqlite3.Connection) -> tuple[str, ...]:
-            rows = conn.execute(
-                'SELECT "Email", 0 FROM "Users" WHERE "Id" = ?1'
-                ' UNION ALL SELECT "Address", 1 FROM "UserEmailAddresses"'
-                ' WHERE "UserId" = ?1 AND "IsVerified" = 1 ORDER BY 2, 1',
-                (str(user_id),),
-            )
+            rows = conn.execute(_USER_ADDRESSES, (str(user_id),))
             return tuple(dict.fromkeys(address.lower() for address, _rank in rows))
 
         return await self._run(work)

@@ -21,8 +21,20 @@ from tests.storage.helpers import attachment, new_email
 LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
 
 
-def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("Smtp__", "Storage__"))}
+ENVIRONMENT_VARIABLES = ("DOTNET_ENVIRONMENT", "ASPNETCORE_ENVIRONMENT")
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """The test process's environment without configuration that would change a run."""
+    prefixes = ("Smtp__", "Storage__", "ConnectionStrings__", *ENVIRONMENT_VARIABLES)
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | extra
+
+
+def run_cli(
+    tmp_path: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("Smtp__", "Storage__"))}
     result = subprocess.run(
         [sys.executable, "-m", "relate_smtp", *args],
         cwd=tmp_path,
@@ -43,7 +55,7 @@ def assert_terminal_safe(output: str) -> None:
 
 
 class ServeProcess:
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -56,6 +68,7 @@ class ServeProcess:
                 *args,
             ],
             cwd=tmp_path,
+            env=env,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -86,8 +99,8 @@ class ServeProcess:
 def serve(tmp_path: Path) -> Iterator[type[ServeProcess]]:
     started: list[ServeProcess] = []
 
-    def factory(*args: str) -> ServeProcess:
-        proc = ServeProcess(tmp_path, *args)
+    def factory(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(tmp_path, *args, env=env)
         started.append(proc)
         return proc
 
@@ -212,6 +225,49 @@ def test_bad_configuration_exits_2(tmp_path: Path, args: list[str], fragment: st
     assert result.returncode == 2
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("variable", ENVIRONMENT_VARIABLES)
+def test_explicit_production_without_a_database_exits_2(tmp_path: Path, variable: str) -> None:
+    """SPEC §2: like the original, a host told it runs in Production refuses to start
+    without ConnectionStrings:DefaultConnection rather than keep mail in a local file."""
+    result = run_cli(
+        tmp_path,
+        "serve",
+        "--Smtp:Port=0",
+        check=False,
+        env=clean_environ(**{variable: "Production"}),
+    )
+    assert result.returncode == 2
+    assert "ConnectionStrings:DefaultConnection is required" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "relate-smtp.db").exists()
+
+
+def test_quickstart_serve_warns_once_naming_the_sqlite_file(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """No environment named (the README's quickstart): the embedded store, one warning."""
+    server = serve(env=clean_environ())
+    server.wait_listening({"submission"})
+    assert server.stop() == 0
+    warnings = [line for line in server.lines if "embedded SQLite file" in line]
+    assert len(warnings) == 1
+    assert "WARNING" in warnings[0]
+    assert str(tmp_path / "relate-smtp.db") in warnings[0]
+
+
+def test_production_with_an_explicit_sqlite_path_starts(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    server = serve(
+        env=clean_environ(
+            ASPNETCORE_ENVIRONMENT="Production", Storage__SqlitePath=str(tmp_path / "mail.db")
+        )
+    )
+    server.wait_listening({"submission"})
+    assert server.stop() == 0
+    assert (tmp_path / "mail.db").exists()
 
 
 def test_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:

@@ -38,6 +38,15 @@ CHECK_NAMES = {
     "dns-mx",
     "certificate",
 }
+ORIGINAL_ORDER = (
+    "database",
+    "disk-space",
+    "memory",
+    "connection-pool",
+    "smtp",
+    "dns-mx",
+    "certificate",
+)
 CHECK_TAGS = {
     "database": ["infrastructure"],
     "connection-pool": ["database"],
@@ -109,15 +118,18 @@ async def test_healthz_reports_every_check_in_the_original_format(
     checks = checks_by_name(document)
     assert set(checks) == CHECK_NAMES
     assert len(document["checks"]) == len(CHECK_NAMES)
+    # The original's registration order, which its JSON keeps.
+    assert [c["name"] for c in document["checks"]] == list(ORIGINAL_ORDER)
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert checks["dns-mx"]["data"] == {"testDomain": NO_MX_DOMAIN, "mxRecordCount": 0} or (
+        checks["dns-mx"]["description"] == "DNS MX resolution failed"
+    )
     for name, tags in CHECK_TAGS.items():
         assert checks[name]["tags"] == tags, name
     for name in ("database", "connection-pool", "smtp", "certificate"):
         assert checks[name]["status"] == "Healthy", checks[name]
-    assert set(checks["connection-pool"]["data"]) == {
-        "activeConnections",
-        "maxConnections",
-        "usedPercent",
-    }
+    # The embedded store has no server whose connections could run out (SPEC §7).
+    assert checks["connection-pool"]["data"] == {"backend": "sqlite"}
     assert set(checks["disk-space"]["data"]) == {"availableGB", "totalGB", "usedPercent"}
     assert set(checks["memory"]["data"]) == {"workingSetMB"}
     assert checks["memory"]["data"]["workingSetMB"] > 0
@@ -140,6 +152,59 @@ async def test_healthz_without_dns_domain_omits_dns_mx_and_is_healthy(
     statuses = {c["name"]: c["status"] for c in document["checks"]}
     assert statuses["database"] == statuses["smtp"] == statuses["certificate"] == "Healthy"
     assert response.status_code == 200
+
+
+async def probe_status(host: str, port: int) -> int:
+    """The /healthz status code over one address family (``host`` is an IP literal)."""
+    literal = f"[{host}]" if ":" in host else host
+    async with httpx.AsyncClient(timeout=20) as http:
+        return (await http.get(f"http://{literal}:{port}/healthz")).status_code
+
+
+@pytest.mark.parametrize("wildcard", ["+", "*", "0.0.0.0", "[::]", "health.example"])
+async def test_wildcard_health_url_serves_ipv4_and_ipv6_on_one_socket(
+    tmp_path: Path, store: SqliteStore, wildcard: str
+) -> None:
+    """Kestrel's reading of HealthCheck:Url: a wildcard or a name is every interface of
+    both families, so a probe over ::1 (a dual-stack kubelet) reaches it too."""
+    settings = make_settings(
+        tmp_path, f"HealthCheck:Url=http://{wildcard}:0", "HealthCheck:DnsMxDomain="
+    )
+    async with running_server(settings, store) as running:
+        health = [item for item in running.bound if item.name == "health"]
+        port = running.port("health")
+        statuses = [await probe_status(host, port) for host in ("127.0.0.1", "::1")]
+    assert [(item.host, item.tls) for item in health] == [("::", "none")]
+    assert statuses == [200, 200]
+
+
+async def test_localhost_health_url_serves_both_loopbacks_on_one_port(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    settings = make_settings(
+        tmp_path, "HealthCheck:Url=http://localhost:0", "HealthCheck:DnsMxDomain="
+    )
+    async with running_server(settings, store) as running:
+        health = [(item.host, item.port) for item in running.bound if item.name == "health"]
+        statuses = [await probe_status(host, port) for host, port in health]
+    assert [host for host, _ in health] == ["127.0.0.1", "::1"]
+    assert len({port for _, port in health}) == 1
+    assert statuses == [200, 200]
+
+
+async def test_health_urls_separated_by_semicolons_are_all_served(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        "HealthCheck:Url=http://127.0.0.1:0; http://[::1]:0",
+        "HealthCheck:DnsMxDomain=",
+    )
+    async with running_server(settings, store) as running:
+        health = [(item.host, item.port) for item in running.bound if item.name == "health"]
+        statuses = [await probe_status(host, port) for host, port in health]
+    assert [host for host, _ in health] == ["127.0.0.1", "::1"]
+    assert statuses == [200, 200]
 
 
 async def test_database_down_is_unhealthy_503_and_smtp_answers_4xx(tmp_path: Path) -> None:
@@ -216,7 +281,7 @@ async def test_metrics_move_after_traffic(tmp_path: Path, store: SqliteStore) ->
     account = await add_account(store, "alice@example.com", name="Alice")
     body = message()
     settings = make_settings(
-        tmp_path, "HealthCheck:DnsMxDomain=", "Security:RateLimit:BaseBackoffDelaySeconds=0"
+        tmp_path, "HealthCheck:DnsMxDomain=", "Security:RateLimit:BaseBackoffDelay=0"
     )
     async with running_server(settings, store) as running:
         health = running.port("health")
@@ -247,7 +312,8 @@ async def test_metrics_move_after_traffic(tmp_path: Path, store: SqliteStore) ->
     stored = await store.list_emails(10)
     assert len(stored) == 1
     assert delta("smtp_messages_received_total") == 1
-    assert delta("smtp_bytes_received_total") == stored[0].size_bytes > 0
+    # The counter takes every octet received; SizeBytes leaves out the last CRLF.
+    assert delta("smtp_bytes_received_total") == stored[0].size_bytes + 2 > 2
     assert delta("smtp_auth_attempts_total") == 2
     assert delta("smtp_auth_failures_total") == 1
     assert delta("smtp_message_processing_duration_seconds_count") == 1
@@ -289,7 +355,7 @@ async def test_one_summary_line_per_session(
     mine = [line for line in summaries if line.startswith(f"session 127.0.0.1:{local_port} ")]
     assert len(mine) == 1, summaries
     stored = await store.list_emails(10)
-    total = sum(email.size_bytes for email in stored)
+    total = sum(email.size_bytes + 2 for email in stored)  # the log counts the last CRLF too
     assert re.fullmatch(
         rf"session 127\.0\.0\.1:{local_port} listener=submission tls=no "
         rf"user=alice@example\.com messages=2 bytes={total} outcome=quit",

@@ -200,7 +200,7 @@ NEED_AUTH = Outcome(AUTH_REQUIRED, BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE, BAD
 INBOUND = Outcome(OK_SENDER, RELAY_DENIED, OK_RCPT, UNKNOWN_USER, QUEUED, 1)
 
 # (Smtp:Mx:Enabled, Smtp:RequireAuthentication) → {(listener, authenticated): outcome}.
-# The MX listener cannot authenticate (no AUTH there), so it has unauthenticated rows only.
+# An authenticated MX session has done STARTTLS first: port 25 offers AUTH only over TLS.
 DECISION_TABLE: dict[tuple[bool, bool], dict[tuple[str, bool], Outcome]] = {
     (False, True): {
         ("submission", False): NEED_AUTH,
@@ -220,6 +220,7 @@ DECISION_TABLE: dict[tuple[bool, bool], dict[tuple[str, bool], Outcome]] = {
         ("submission-tls", False): NEED_AUTH,
         ("submission-tls", True): ACCEPT_ALL,
         ("mx", False): INBOUND,
+        ("mx", True): ACCEPT_ALL,
     },
     (True, False): {  # MX on: submission needs AUTH whatever RequireAuthentication says
         ("submission", False): NEED_AUTH,
@@ -227,6 +228,7 @@ DECISION_TABLE: dict[tuple[bool, bool], dict[tuple[str, bool], Outcome]] = {
         ("submission-tls", False): NEED_AUTH,
         ("submission-tls", True): ACCEPT_ALL,
         ("mx", False): INBOUND,
+        ("mx", True): ACCEPT_ALL,
     },
 }
 
@@ -268,6 +270,9 @@ async def test_decision_table_on_every_listener(
                     smtp.ehlo("client.example")
                     sender = f"sender@{FOREIGN}"
                     if authenticated:
+                        if listener == "mx":
+                            smtp.starttls(context=client_tls)
+                            smtp.ehlo("client.example")
                         smtp.login(ALICE, people.alice.key)
                         sender = ALICE
                     mail = code_of(smtp.docmd("MAIL", f"FROM:<{sender}>"))
@@ -288,8 +293,9 @@ async def test_mx_unknown_recipient_accepted_without_validation(
     tmp_path: Path, store: SqliteStore
 ) -> None:
     """ValidateRecipients=false: any local part at a hosted domain is accepted (stored,
-    linked to nobody), unverified aliases included; foreign domains are still refused."""
-    await add_people(tmp_path, store)
+    linked to nobody); an unverified alias still links its user (a Bcc row, as no header
+    names it); foreign domains are still refused."""
+    people = await add_people(tmp_path, store)
     settings = mx_settings(tmp_path, "Smtp:Mx:ValidateRecipients=false")
     async with serve(settings, store) as running:
         port = running.port("mx")
@@ -309,7 +315,10 @@ async def test_mx_unknown_recipient_accepted_without_validation(
     assert len(emails) == 1
     full = await store.get_email(emails[0].id)
     assert full is not None
-    assert [r.user_id for r in full.recipients] == [None]
+    assert rows(full.recipients) == {
+        (f"nobody@{HOSTED}", RECIPIENT_TO, None),
+        (ALICE_UNVERIFIED, RECIPIENT_BCC, people.alice.user.id),
+    }
 
 
 # ---- relay tricks ---------------------------------------------------------------------
@@ -466,21 +475,34 @@ async def test_accepted_forms_are_stored_and_linked(tmp_path: Path, store: Sqlit
     assert await stored_count(store) == len(cases)
 
 
-async def test_unverified_alias_is_unknown(tmp_path: Path, store: SqliteStore) -> None:
-    await add_people(tmp_path, store)
-    async with serve(mx_settings(tmp_path), store) as running:
-        port = running.port("mx")
+async def test_unverified_alias_is_accepted_and_linked(tmp_path: Path, store: SqliteStore) -> None:
+    """SPEC §4/§5: the platform adds additional addresses unverified and cannot verify
+    them, and the original's GetByEmailAsync ignores IsVerified: RCPT is accepted with
+    ValidateRecipients, the row is linked to the owner and the notification names them."""
+    people = await add_people(tmp_path, store)
+    alice = people.alice.user.id
+    recorder = RecordingListener()
+    async with serve(mx_settings(tmp_path), store, recorder=recorder) as running:
+        codes, data = await deliver_on_mx(
+            running, [ALICE_UNVERIFIED.upper()], message(to=[ALICE_UNVERIFIED])
+        )
+    assert (codes, data) == ([OK_RCPT], QUEUED)
+    assert await only_email_rows(store) == {(ALICE_UNVERIFIED, RECIPIENT_TO, alice)}
+    assert recorder.notified == [(alice,)]
 
-        def transaction() -> tuple[Code, Code]:
-            with client(port) as smtp:
-                smtp.ehlo("mx.foreign.example")
-                smtp.docmd("MAIL", f"FROM:<sender@{FOREIGN}>")
-                return code_of(smtp.docmd("RCPT", f"TO:<{ALICE_UNVERIFIED}>")), code_of(
-                    smtp.docmd("DATA")
-                )
 
-        assert await in_thread(transaction) == (UNKNOWN_USER, BAD_SEQUENCE)
-    assert await stored_count(store) == 0
+async def test_primary_address_beats_another_users_unverified_alias(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    """SPEC §4: bob's primary address belongs to bob even when alice lists it."""
+    people = await add_people(tmp_path, store)
+    await add_unverified_alias(tmp_path / "relate.db", people.alice.user, BOB.upper())
+    recorder = RecordingListener()
+    async with serve(mx_settings(tmp_path), store, recorder=recorder) as running:
+        codes, data = await deliver_on_mx(running, [BOB], message(to=[BOB]))
+    assert (codes, data) == ([OK_RCPT], QUEUED)
+    assert await only_email_rows(store) == {(BOB, RECIPIENT_TO, people.bob.user.id)}
+    assert recorder.notified == [(people.bob.user.id,)]
 
 
 # ---- internationalised hosted domains -----------------------------------------------
@@ -584,7 +606,65 @@ async def test_database_error_during_rcpt_is_temporary(tmp_path: Path, failure: 
 # ---- TLS and AUTH on the MX listener ---------------------------------------------------
 
 
-async def test_mx_offers_starttls_but_never_auth(
+ENCRYPTION_REQUIRED: Code = (538, "5.7.11")
+
+
+async def test_mx_offers_auth_only_after_starttls(
+    tmp_path: Path,
+    store: SqliteStore,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+) -> None:
+    """SPEC §1: port 25 never takes a password in plaintext; after STARTTLS it offers
+    AUTH, as the original did, and an authenticated session may relay like submission."""
+    people = await add_people(tmp_path, store)
+    async with serve(mx_settings(tmp_path), store, tls_context=server_tls) as running:
+        mx = next(item for item in running.bound if item.name == "mx")
+        assert mx.tls == "starttls"
+
+        def session() -> tuple[set[str], Code, Code, str, Code, Code, Code, Code, bool]:
+            with client(mx.port) as smtp:
+                smtp.ehlo("mx.foreign.example")
+                before = set(smtp.esmtp_features)
+                plaintext_auth = code_of(smtp.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA=="))
+                starttls = code_of(smtp.starttls(context=client_tls))
+                smtp.ehlo("mx.foreign.example")
+                mechanisms = smtp.esmtp_features.get("auth", "")
+                login = code_of(smtp.login(ALICE, people.alice.key))
+                mail = code_of(smtp.docmd("MAIL", f"FROM:<{ALICE}>"))
+                foreign = code_of(smtp.docmd("RCPT", f"TO:<someone@{FOREIGN}>"))
+                data = send_data(smtp, message(to=[f"someone@{FOREIGN}"]))
+                encrypted = isinstance(smtp.sock, ssl.SSLSocket)
+                return (
+                    before,
+                    plaintext_auth,
+                    starttls,
+                    mechanisms,
+                    login,
+                    mail,
+                    foreign,
+                    data,
+                    encrypted,
+                )
+
+        result = await in_thread(session)
+    before, plaintext_auth, starttls, mechanisms, login, mail, foreign, data, encrypted = result
+    assert "starttls" in before
+    assert "auth" not in before
+    assert plaintext_auth == ENCRYPTION_REQUIRED
+    assert starttls == (220, "2.0.0")
+    assert encrypted
+    assert set(mechanisms.split()) == {"PLAIN", "LOGIN"}
+    assert login == (235, "2.7.0")
+    assert (mail, foreign, data) == (OK_SENDER, OK_RCPT, QUEUED)
+    [email] = await store.list_emails(10)
+    assert email.sent_by_user_id == people.alice.user.id
+    full = await store.get_email(email.id)
+    assert full is not None
+    assert [(r.address, r.user_id) for r in full.recipients] == [(f"someone@{FOREIGN}", None)]
+
+
+async def test_mx_after_starttls_without_auth_is_still_inbound_only(
     tmp_path: Path,
     store: SqliteStore,
     server_tls: ssl.SSLContext,
@@ -592,45 +672,22 @@ async def test_mx_offers_starttls_but_never_auth(
 ) -> None:
     people = await add_people(tmp_path, store)
     async with serve(mx_settings(tmp_path), store, tls_context=server_tls) as running:
-        mx = next(item for item in running.bound if item.name == "mx")
-        assert mx.tls == "starttls"
+        port = running.port("mx")
 
-        def session() -> tuple[set[str], Code, Code, set[str], Code, Code, bool]:
-            with client(mx.port) as smtp:
+        def session() -> tuple[Code, Code, Code, Code]:
+            with client(port) as smtp:
+                smtp.starttls(context=client_tls)
                 smtp.ehlo("mx.foreign.example")
-                before = set(smtp.esmtp_features)
-                auth_plain = code_of(smtp.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA=="))
-                starttls = code_of(smtp.starttls(context=client_tls))
-                smtp.ehlo("mx.foreign.example")
-                after = set(smtp.esmtp_features)
-                auth_login = code_of(smtp.docmd("AUTH", "LOGIN"))
-                smtp.docmd("MAIL", f"FROM:<sender@{FOREIGN}>")
-                smtp.docmd("RCPT", f"TO:<{ALICE}>")
-                encrypted = isinstance(smtp.sock, ssl.SSLSocket)
-                return (
-                    before,
-                    auth_plain,
-                    starttls,
-                    after,
-                    auth_login,
-                    send_data(smtp, message()),
-                    encrypted,
-                )
+                mail = code_of(smtp.docmd("MAIL", f"FROM:<sender@{FOREIGN}>"))
+                foreign = code_of(smtp.docmd("RCPT", f"TO:<someone@{FOREIGN}>"))
+                hosted = code_of(smtp.docmd("RCPT", f"TO:<{ALICE}>"))
+                return mail, foreign, hosted, send_data(smtp, message())
 
-        before, auth_plain, starttls, after, auth_login, data, encrypted = await in_thread(session)
-    assert "starttls" in before
-    assert "auth" not in before
-    assert auth_plain == NOT_IMPLEMENTED
-    assert starttls == (220, "2.0.0")
-    assert encrypted
-    assert "starttls" not in after
-    assert "auth" not in after
-    assert auth_login == NOT_IMPLEMENTED
-    assert data == QUEUED
-    emails = await store.list_emails(10)
-    assert len(emails) == 1
-    assert emails[0].sent_by_user_id is None
-    full = await store.get_email(emails[0].id)
+        mail, foreign, hosted, data = await in_thread(session)
+    assert (mail, foreign, hosted, data) == (OK_SENDER, RELAY_DENIED, OK_RCPT, QUEUED)
+    [email] = await store.list_emails(10)
+    assert email.sent_by_user_id is None
+    full = await store.get_email(email.id)
     assert full is not None
     assert [r.user_id for r in full.recipients] == [people.alice.user.id]
 
@@ -793,7 +850,7 @@ SENDERS: list[tuple[str, Code, Code]] = [
     (f"<{ALICE}>", OK_SENDER, OK_SENDER),
     ("<ALICE@Hosted.Example>", OK_SENDER, OK_SENDER),
     (f"<{ALICE_ALIAS}>", OK_SENDER, OK_SENDER),
-    (f"<{ALICE_UNVERIFIED}>", SENDER_NOT_OWNED, OK_SENDER),
+    (f"<{ALICE_UNVERIFIED}>", OK_SENDER, OK_SENDER),
     (f"<{BOB}>", SENDER_NOT_OWNED, OK_SENDER),
     (f"<alice@{FOREIGN}>", SENDER_NOT_OWNED, OK_SENDER),
     (f"<alice%{FOREIGN}@{HOSTED}>", SENDER_NOT_OWNED, OK_SENDER),

@@ -257,3 +257,20 @@ async def test_queued_notifications_drain_at_shutdown(tmp_path: Path, store: Sql
         # Leaving running_server waited for the drain.
         assert [json.loads(r.body)["email"]["subject"] for r in sink.requests] == ["a", "b", "c"]
     assert max(elapsed) < 1.0, elapsed
+
+
+async def test_base_url_path_is_replaced_as_the_original_resolves_it(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    """``Api:BaseUrl`` with a path: the absolute notification path replaces it (RFC 3986
+    merge, .NET HttpClient), so the API sees the same target as from the original."""
+    alice = await add_account(store, "alice@example.com")
+    await add_account(store, "bob@example.com")
+    async with http_sink() as sink:
+        base = f"http://127.0.0.1:{sink.port}/relate/?tenant=a"
+        settings = make_settings(tmp_path, *settings_for(base))
+        async with running_server(settings, store) as running:
+            port = running.port("submission")
+            await in_thread(lambda: send_timed(port, alice.key, ["with a base path"]))
+            [request] = await sink.wait_requests(1)
+    assert request.target == "/api/internal/notifications/new-email"

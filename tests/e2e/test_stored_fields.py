@@ -87,7 +87,8 @@ async def test_headers_bodies_and_recipients_are_stored(tmp_path: Path, store: S
     assert email.subject == "Quarterly résumé"
     assert email.text_body is not None and email.text_body.strip() == "Plain body"
     assert email.html_body is not None and "<p>HTML body</p>" in email.html_body
-    assert email.size_bytes == len(as_sent(raw))
+    # As the original: the DATA block without the CRLF before the final dot.
+    assert email.size_bytes == len(as_sent(raw)) - 2
     assert email.sent_by_user_id == sender.user.id
     assert email.in_reply_to is None and email.thread_id is None
     rows = {(r.type, r.address, r.user_id) for r in email.recipients}

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import base64
+import sqlite3
 import ssl
+import uuid
+from contextlib import closing
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
+import attrs
 import pytest
+import trio
 
+from relate_smtp.storage import NewEmail, SavedEmail
+from relate_smtp.storage.records import RECIPIENT_TO
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.e2e.harness import (
     add_account,
@@ -20,6 +28,7 @@ from tests.e2e.harness import (
     make_settings,
     running_server,
 )
+from tests.e2e.ops_support import watch_log
 
 
 def simple_message(sender: str = "alice@example.com", to: str = "bob@example.org") -> bytes:
@@ -60,6 +69,63 @@ async def test_auth_plain_and_send_stores_message(tmp_path: Path, store: SqliteS
     assert full.subject == "Hello"
     assert full.message_id == "hello-1@example.com"
     assert full.sent_by_user_id == account.user.id
+
+
+@attrs.define
+class RecordingListener:
+    """Stands in for the notifier: the user ids each stored message would notify."""
+
+    notified: list[tuple[uuid.UUID, ...]] = attrs.Factory(list)
+
+    def message_stored(self, email: NewEmail, saved: SavedEmail) -> None:
+        self.notified.append(saved.linked_user_ids)
+
+
+async def add_unverified_alias(db: Path, user_id: uuid.UUID, address: str) -> None:
+    """A ``UserEmailAddresses`` row as the platform writes it: ``IsVerified`` false."""
+
+    def work() -> None:
+        with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute(
+                'INSERT INTO "UserEmailAddresses" ("Id", "UserId", "Address", "IsVerified",'
+                ' "AddedAt") VALUES (?, ?, ?, 0, ?)',
+                (str(uuid.uuid4()), str(user_id), address, datetime.now(UTC).isoformat()),
+            )
+
+    await trio.to_thread.run_sync(work)
+
+
+async def test_submission_to_an_unverified_alias_links_its_user(
+    tmp_path: Path, store: SqliteStore, db_path: Path
+) -> None:
+    """SPEC §5: a user's additional address links the row, verified or not (the
+    platform cannot verify them; the original's GetByEmailAsync ignores IsVerified)."""
+    account = await add_account(store, "alice@example.com")
+    bob = await store.create_user("bob@example.org", display_name=None, aliases=())
+    await add_unverified_alias(db_path, bob.id, "Bob.Work@Example.org")
+    recorder = RecordingListener()
+    settings = make_settings(tmp_path)
+    async with running_server(settings, store, new_mail_listener=recorder) as running:
+        port = running.port("submission")
+
+        def send() -> None:
+            with client(port) as smtp:
+                smtp.ehlo("client.example")
+                smtp.login("alice@example.com", account.key)
+                smtp.sendmail(
+                    "alice@example.com",
+                    ["bob.work@example.org"],
+                    simple_message(to="bob.work@example.org"),
+                )
+
+        await in_thread(send)
+    (email,) = await store.list_emails(10)
+    full = await store.get_email(email.id)
+    assert full is not None
+    assert [(r.address, r.type, r.user_id) for r in full.recipients] == [
+        ("bob.work@example.org", RECIPIENT_TO, bob.id)
+    ]
+    assert recorder.notified == [(bob.id,)]
 
 
 async def test_auth_login_succeeds(tmp_path: Path, store: SqliteStore) -> None:
@@ -177,14 +243,39 @@ async def test_no_certificate_means_no_implicit_listener(
         assert running.bound[0].tls == "none"
 
 
+@pytest.mark.parametrize("secure_port", ["-1", "-465", "0"])
+async def test_secure_port_zero_or_less_disables_implicit_tls(
+    tmp_path: Path, store: SqliteStore, server_tls: ssl.SSLContext, secure_port: str
+) -> None:
+    """SPEC §1: as in the original, SecurePort ≤ 0 turns 465 off; start-up goes on even
+    with a certificate, and the other listeners open as usual."""
+    settings = make_settings(
+        tmp_path,
+        f"Smtp:SecurePort={secure_port}",
+        "Smtp:Mx:Enabled=true",
+        "Smtp:Mx:Port=0",
+        "Smtp:Mx:HostedDomains:0=example.com",
+    )
+    with watch_log("relate_smtp.lifecycle") as lifecycle:
+        async with running_server(settings, store, tls_context=server_tls) as running:
+            names = [item.name for item in running.bound]
+            port = running.port("submission")
+            code = await in_thread(lambda: client(port).quit()[0])
+    assert names == ["submission", "mx", "health"]
+    assert code == 221
+    listening = lifecycle.matching(r"^Listening: ")
+    assert [line.split()[1] for line in listening] == ["submission", "mx", "health"]
+    assert lifecycle.matching(r"^Starting SMTP server on port \d+ \(plain\)$")
+
+
 async def test_rate_limiter_locks_out_after_failures(tmp_path: Path, store: SqliteStore) -> None:
     account = await add_account(store, "alice@example.com")
     settings = make_settings(
         tmp_path,
         "Security:RateLimit:MaxFailedAttempts=3",
         # No backoff between failures, so only the lockout can block.
-        "Security:RateLimit:BaseBackoffDelaySeconds=0",
-        "Security:RateLimit:MaxBackoffDelaySeconds=0",
+        "Security:RateLimit:BaseBackoffDelay=0",
+        "Security:RateLimit:MaxBackoffDelay=0",
     )
     async with running_server(settings, store) as running:
         port = running.port("submission")

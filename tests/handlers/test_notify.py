@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from relate_smtp.handlers.notify import Notifier, notification_payload
+from relate_smtp.handlers.notify import Notifier, notification_payload, notification_url
 from relate_smtp.storage import Attachment, NewEmail, SavedEmail
 
 USER_A = uuid.UUID("11111111-1111-1111-1111-111111111111")
@@ -168,7 +168,7 @@ async def test_posts_exact_json_and_api_key_over_http(nursery: trio.Nursery) -> 
     assert request.target == b"/api/internal/notifications/new-email"
     headers = dict(request.headers)
     assert headers[b"authorization"] == b"ApiKey k3y"
-    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"content-type"] == b"application/json; charset=utf-8"
     assert json.loads(body) == {
         "userIds": [str(USER_A)],
         "email": {
@@ -380,3 +380,17 @@ async def test_close_without_run_returns_at_once(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="relate_smtp.notify"), trio.fail_after(1):
         await n.aclose(timeout=30)
     assert "1 notification(s) not delivered" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("base", "url"),
+    [
+        ("http://api:5000", "http://api:5000/api/internal/notifications/new-email"),
+        ("http://api:5000/", "http://api:5000/api/internal/notifications/new-email"),
+        ("http://api:5000/relate/", "http://api:5000/api/internal/notifications/new-email"),
+        ("https://api.test/x/y?q=1#f", "https://api.test/api/internal/notifications/new-email"),
+        ("http://u:p@api:5000/x", "http://u:p@api:5000/api/internal/notifications/new-email"),
+    ],
+)
+def test_url_is_resolved_like_dotnet_httpclient(base: str, url: str) -> None:
+    assert notification_url(base) == url

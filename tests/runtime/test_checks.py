@@ -24,12 +24,13 @@ from relate_smtp.runtime.checks import (
     database_check,
     disk_space_check,
     dns_mx_check,
+    grade_disk,
     memory_check,
     run_checks,
     smtp_check,
 )
 from relate_smtp.runtime.proxy import LOCAL_V2_HEADER
-from relate_smtp.storage import PoolStats, Store, StoreUnavailable
+from relate_smtp.storage import PoolStats, ServerConnections, Store, StoreUnavailable
 
 
 class FakeStore:
@@ -68,8 +69,7 @@ async def test_database_healthy() -> None:
     check = database_check(as_store(FakeStore()))
     assert (check.name, check.tags) == ("database", ("infrastructure",))
     result = await check.run()
-    assert result.status == "Healthy"
-    assert result.exception is None
+    assert result == CheckResult(status="Healthy")  # the original's: no description
 
 
 async def test_database_failure_is_unhealthy_with_the_message() -> None:
@@ -92,28 +92,62 @@ async def test_database_that_does_not_answer_is_unhealthy_after_5_s(
 # ---------------------------------------------------------------------------- pool
 
 
+class ServerStore(FakeStore):
+    """A store in front of a database server: the counts the server reports."""
+
+    def __init__(self, counts: ServerConnections | Exception) -> None:
+        super().__init__(pool=PoolStats(active=10, maximum=10))  # a busy pool is no signal
+        self.counts = counts
+
+    async def server_connections(self) -> ServerConnections:
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.counts, Exception):
+            raise self.counts
+        return self.counts
+
+
 @pytest.mark.parametrize(
-    ("active", "status", "percent"),
-    [(50, "Healthy", 50.0), (79, "Healthy", 79.0), (80, "Degraded", 80.0),
-     (85, "Degraded", 85.0), (95, "Unhealthy", 95.0), (96, "Unhealthy", 96.0)],
+    ("active", "status", "prefix"),
+    [(50, "Healthy", ""), (80, "Healthy", ""), (81, "Degraded", "Connection pool pressure: "),
+     (95, "Degraded", "Connection pool pressure: "),
+     (96, "Unhealthy", "Connection pool near exhaustion: ")],
 )  # fmt: skip
-async def test_connection_pool(active: int, status: HealthStatus, percent: float) -> None:
-    check = connection_pool_check(as_store(FakeStore(pool=PoolStats(active=active, maximum=100))))
+async def test_connection_pool_counts_the_servers_connections(
+    active: int, status: HealthStatus, prefix: str
+) -> None:
+    store = ServerStore(ServerConnections(active=active, maximum=100))
+    check = connection_pool_check(as_store(store))
     assert (check.name, check.tags) == ("connection-pool", ("database",))
     result = await check.run()
     assert result.status == status
+    assert result.description == f"{prefix}{active}/100 connections ({active:.1f}%)"
     assert result.data == {
         "activeConnections": active,
         "maxConnections": 100,
-        "usedPercent": percent,
+        "usedPercent": float(active),
     }
 
 
+async def test_connection_pool_query_failure_is_unhealthy() -> None:
+    store = ServerStore(StoreUnavailable("connection refused"))
+    result = await connection_pool_check(as_store(store)).run()
+    assert result.status == "Unhealthy"
+    assert result.description == "Failed to query connection pool statistics"
+    assert result.exception == "connection refused"
+
+
 async def test_connection_pool_without_a_maximum_is_healthy() -> None:
-    store = FakeStore(pool=PoolStats(active=0, maximum=0))
+    store = ServerStore(ServerConnections(active=3, maximum=0))
     result = await connection_pool_check(as_store(store)).run()
     assert result.status == "Healthy"
     assert result.data is not None and result.data["usedPercent"] == 0.0
+
+
+async def test_connection_pool_of_the_embedded_store_is_healthy() -> None:
+    store = FakeStore(pool=PoolStats(active=10, maximum=10))
+    result = await connection_pool_check(as_store(store)).run()
+    assert result.status == "Healthy"
+    assert result.data == {"backend": "sqlite"}
 
 
 # ---------------------------------------------------------------------------- disk
@@ -136,10 +170,22 @@ async def test_disk_space(free: int, status: HealthStatus) -> None:
     result = await check.run()
     assert seen == ["/data/relate-smtp.db"]
     assert result.status == status
-    assert result.data is not None
-    assert result.data["totalGB"] == 10.0
-    assert result.data["availableGB"] == round(free / GIB, 2)
-    assert result.data["usedPercent"] == round(100 * (10 * GIB - free) / (10 * GIB), 2)
+    assert result.data == {
+        "availableGB": free / GIB,
+        "totalGB": 10.0,
+        "usedPercent": 100 * (10 * GIB - free) / (10 * GIB),
+    }
+
+
+@pytest.mark.parametrize(
+    ("free", "description"),
+    [(5 * GIB, "5.00 GB available (50.0% used)"),
+     (512 * MIB, "Disk space low: 0.50 GB available (95.0% used)"),
+     (50 * MIB, "Disk space critically low: 50 MB available (99.5% used)")],
+)  # fmt: skip
+def test_disk_space_words_it_as_the_original(free: int, description: str) -> None:
+    disk = DiskUsage(total=10 * GIB, used=10 * GIB - free, free=free)
+    assert grade_disk(disk).description == description
 
 
 async def test_disk_space_of_a_file_not_yet_created_measures_its_disk(
@@ -157,15 +203,28 @@ async def test_disk_space_of_a_file_not_yet_created_measures_its_disk(
 
 @pytest.mark.parametrize(
     ("rss", "status"),
-    [(200 * MIB, "Healthy"), (1536 * MIB - 1, "Healthy"), (1536 * MIB, "Degraded"),
-     (int(1.9 * GIB) - 1, "Degraded"), (int(1.9 * GIB), "Unhealthy")],
+    [(200 * MIB, "Healthy"), (1_500_000_000 - 1, "Healthy"), (1_500_000_000, "Degraded"),
+     (1_900_000_000 - 1, "Degraded"), (1_900_000_000, "Unhealthy"),
+     (int(1.5 * GIB) - 1, "Degraded"), (int(1.9 * GIB) - 1, "Unhealthy")],
 )  # fmt: skip
-async def test_memory(rss: int, status: HealthStatus) -> None:
+async def test_memory_thresholds_are_the_originals_decimal_bytes(
+    rss: int, status: HealthStatus
+) -> None:
     check = memory_check(rss=lambda: rss)
     assert (check.name, check.tags) == ("memory", ("system",))
     result = await check.run()
     assert result.status == status
-    assert result.data == {"workingSetMB": round(rss / MIB, 2)}
+    assert result.data == {"workingSetMB": rss / MIB}
+
+
+@pytest.mark.parametrize(
+    ("rss", "description"),
+    [(200 * MIB, "Working set 200 MB"),
+     (1600 * MIB, "Working set 1600 MB exceeds 1431 MB threshold"),
+     (2000 * MIB, "Working set 2000 MB exceeds 1812 MB threshold")],
+)  # fmt: skip
+async def test_memory_words_it_as_the_original(rss: int, description: str) -> None:
+    assert (await memory_check(rss=lambda: rss).run()).description == description
 
 
 async def test_memory_reads_this_process() -> None:
@@ -220,6 +279,22 @@ async def test_dns_mx_with_records_is_healthy() -> None:
     result = await check.run()
     assert asked == ["gmail.com"]
     assert result.status == "Healthy"
+    assert result.data == {"testDomain": "gmail.com", "mxRecordCount": 2}
+    assert result.description == (
+        "DNS MX resolution working "
+        "(gmail.com → alt1.gmail-smtp-in.l.google.com, gmail-smtp-in.l.google.com)"
+    )
+
+
+async def test_dns_mx_names_the_first_three_exchanges() -> None:
+    async def resolve(domain: str) -> list[str]:
+        return ["a.example.", "b.example.", "c.example.", "d.example."]
+
+    result = await dns_mx_check("example.com", resolve=resolve).run()
+    assert result.description == (
+        "DNS MX resolution working (example.com → a.example, b.example, c.example)"
+    )
+    assert result.data == {"testDomain": "example.com", "mxRecordCount": 4}
 
 
 async def test_dns_mx_without_records_is_degraded() -> None:
@@ -229,6 +304,8 @@ async def test_dns_mx_without_records_is_degraded() -> None:
     result = await dns_mx_check("example.invalid", resolve=resolve).run()
     assert result.status == "Degraded"
     assert result.exception is None
+    assert result.description == "No MX records returned for example.invalid"
+    assert result.data == {"testDomain": "example.invalid", "mxRecordCount": 0}
 
 
 async def test_dns_mx_failure_is_degraded_not_unhealthy() -> None:
@@ -238,6 +315,7 @@ async def test_dns_mx_failure_is_degraded_not_unhealthy() -> None:
     result = await dns_mx_check("gmail.com", resolve=resolve).run()
     assert result.status == "Degraded"
     assert result.exception == "no nameservers reachable"
+    assert result.description == "DNS MX resolution failed"
 
 
 async def test_dns_mx_that_hangs_is_degraded(autojump_clock: trio.testing.MockClock) -> None:
@@ -300,7 +378,20 @@ async def test_smtp_healthy_without_proxy(nursery: trio.Nursery) -> None:
     result = await check.run()
     await server.done.wait()
     assert result.status == "Healthy", result
+    assert result.description == f"SMTP server accepting connections on port {port}"
     assert server.received == b"QUIT\r\n"
+
+
+async def test_smtp_does_not_require_the_221(nursery: trio.Nursery) -> None:
+    async def greet_only(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"220 ready\r\n")
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, greet_only, 0, host="127.0.0.1"))
+    port = int(listeners[0].socket.getsockname()[1])
+    result = await smtp_check("127.0.0.1", port, proxy_local=False, timeout=3).run()
+    assert result.status == "Healthy", result
 
 
 async def test_smtp_healthy_with_proxy_local_header(nursery: trio.Nursery) -> None:
@@ -318,7 +409,9 @@ async def test_smtp_refusing_greeting_is_unhealthy(nursery: trio.Nursery) -> Non
     port = await serve(nursery, FakeSmtpServer(b"554 5.3.2 not now\r\n"))
     result = await smtp_check("127.0.0.1", port, proxy_local=False).run()
     assert result.status == "Unhealthy"
-    assert result.exception is not None and "554" in result.exception
+    assert result.description == (
+        f"SMTP server on port {port} returned unexpected greeting: 554 5.3.2 not now"
+    )
 
 
 async def test_smtp_non_smtp_answer_is_unhealthy(nursery: trio.Nursery) -> None:
@@ -335,6 +428,7 @@ async def test_smtp_connection_refused_is_unhealthy() -> None:
     result = await smtp_check("127.0.0.1", port, proxy_local=False).run()
     assert result.status == "Unhealthy"
     assert result.exception
+    assert result.description == f"SMTP server on port {port} is not responding"
 
 
 async def test_smtp_silent_server_is_unhealthy_after_the_timeout(nursery: trio.Nursery) -> None:

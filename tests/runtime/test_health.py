@@ -37,7 +37,7 @@ from relate_smtp.runtime.health import (
     HealthServer,
     _ConnectionTable,
 )
-from relate_smtp.storage import PoolStats, Store, StoreUnavailable
+from relate_smtp.storage import PoolStats, ServerConnections, Store, StoreUnavailable
 
 GIB = 1024**3
 
@@ -45,7 +45,8 @@ GIB = 1024**3
 class FakeStore:
     def __init__(self, *, down: bool = False, active: int = 5, maximum: int = 100) -> None:
         self.down = down
-        self.pool = PoolStats(active=active, maximum=maximum)
+        self.pool = PoolStats(active=maximum, maximum=maximum)  # a busy pool is no signal
+        self.server = ServerConnections(active=active, maximum=maximum)
 
     async def ping(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -54,6 +55,10 @@ class FakeStore:
 
     def pool_stats(self) -> PoolStats:
         return self.pool
+
+    async def server_connections(self) -> ServerConnections:
+        await trio.lowlevel.checkpoint()
+        return self.server
 
 
 def original_checks(
@@ -77,8 +82,8 @@ async def start(
     registry: CollectorRegistry | None = None,
     **options: Any,
 ) -> str:
-    server = HealthServer("127.0.0.1", 0, checks, registry or CollectorRegistry(), **options)
-    host, port = await nursery.start(server.serve)
+    server = HealthServer([("127.0.0.1", 0)], checks, registry or CollectorRegistry(), **options)
+    [(host, port)] = await nursery.start(server.serve)
     return f"http://{host}:{port}"
 
 
@@ -95,8 +100,10 @@ async def test_all_healthy_in_the_original_format(nursery: trio.Nursery) -> None
     url = await start(nursery, original_checks(FakeStore()))
     response, body = await get_json(url)
     assert response.status_code == 200
-    assert response.headers["content-type"] == "application/json"
-    assert "no-store" in response.headers["cache-control"]
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers["cache-control"] == "no-store, no-cache"
+    assert response.headers["pragma"] == "no-cache"
+    assert response.headers["expires"] == "Thu, 01 Jan 1970 00:00:00 GMT"
     assert list(body) == ["status", "totalDuration", "checks"]
     assert body["status"] == "Healthy"
     assert isinstance(body["totalDuration"], (int, float))
@@ -247,14 +254,34 @@ async def test_unknown_path_is_404(nursery: trio.Nursery) -> None:
         assert (await client.post(url + "/nope")).status_code == 404
 
 
-async def test_wrong_method_is_405_with_allow(nursery: trio.Nursery) -> None:
+async def test_wrong_method_on_metrics_is_405_with_allow(nursery: trio.Nursery) -> None:
     url = await start(nursery)
     async with httpx.AsyncClient() as client:
-        response = await client.post(url + "/healthz", content=b"{}")
+        response = await client.post(url + "/metrics", content=b"{}")
         again = await client.delete(url + "/metrics")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, HEAD"
     assert again.status_code == 405
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+async def test_healthz_answers_every_method_like_map_health_checks(
+    nursery: trio.Nursery, method: str
+) -> None:
+    url = await start(nursery, original_checks(FakeStore()))
+    async with httpx.AsyncClient() as client:
+        response = await client.request(method, url + "/healthz", content=b"{}")
+    assert response.status_code == 200
+    assert json.loads(response.content)["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("path", ["/healthz/", "/HEALTHZ", "/HealthZ/?probe=1"])
+async def test_healthz_path_is_matched_as_asp_net_routes(nursery: trio.Nursery, path: str) -> None:
+    url = await start(nursery)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url + path)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
 
 
 async def test_query_string_is_ignored(nursery: trio.Nursery) -> None:
@@ -303,7 +330,7 @@ async def test_bind_failure_names_the_port() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = HealthServer("127.0.0.1", port, [], CollectorRegistry())
+        server = HealthServer([("127.0.0.1", port)], [], CollectorRegistry())
         with pytest.raises(HealthBindError) as caught:
             await server.serve()
     assert caught.value.port == port
@@ -350,7 +377,7 @@ class Client:
 
 
 async def test_keep_alive_serves_many_requests_on_one_connection(nursery: trio.Nursery) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry())
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, server_side)
     client = Client(client_side)
@@ -364,7 +391,7 @@ async def test_keep_alive_serves_many_requests_on_one_connection(nursery: trio.N
 async def test_silent_client_times_out_while_another_is_served(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry())
     silent, silent_server_side = trio.testing.memory_stream_pair()
     active, active_server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, silent_server_side)
@@ -381,7 +408,7 @@ async def test_silent_client_times_out_while_another_is_served(
 async def test_a_first_byte_buys_the_rest_of_the_request_deadline(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry())
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, server_side)
     await trio.sleep(FIRST_BYTE_TIMEOUT * 0.75)
@@ -394,7 +421,7 @@ async def test_a_first_byte_buys_the_rest_of_the_request_deadline(
 async def test_kept_alive_connection_is_held_to_the_first_byte_timeout(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry())
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, server_side)
     await trio.sleep(1)
@@ -406,7 +433,7 @@ async def test_kept_alive_connection_is_held_to_the_first_byte_timeout(
 async def test_trickling_client_is_cut_at_the_request_deadline(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), request_timeout=5)
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry(), request_timeout=5)
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, server_side)
     closed = trio.Event()
@@ -449,7 +476,7 @@ def gated_check(gate: trio.Event) -> HealthCheck:
 async def test_a_newcomer_over_the_cap_evicts_the_oldest_idle_connection(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), max_connections=2)
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry(), max_connections=2)
     oldest = await connect(nursery, server, "192.0.2.1")
     older = await connect(nursery, server, "192.0.2.2")
     newcomer = await connect(nursery, server, "192.0.2.3")
@@ -464,7 +491,7 @@ async def test_a_connection_being_answered_is_spared(
 ) -> None:
     gate = trio.Event()
     server = HealthServer(
-        "127.0.0.1", 0, [gated_check(gate)], CollectorRegistry(), max_connections=2
+        [("127.0.0.1", 0)], [gated_check(gate)], CollectorRegistry(), max_connections=2
     )
     busy = await connect(nursery, server, "192.0.2.1")
     busy_client = Client(busy)
@@ -489,7 +516,7 @@ async def test_when_every_connection_is_busy_the_oldest_gives_way(
 ) -> None:
     gate = trio.Event()
     server = HealthServer(
-        "127.0.0.1", 0, [gated_check(gate)], CollectorRegistry(), max_connections=1
+        [("127.0.0.1", 0)], [gated_check(gate)], CollectorRegistry(), max_connections=1
     )
     busy = await connect(nursery, server, "192.0.2.1")
     await busy.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -504,7 +531,7 @@ async def test_when_every_connection_is_busy_the_oldest_gives_way(
 async def test_the_per_client_cap_evicts_that_clients_oldest_only(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry(), max_connections_per_client=2)
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry(), max_connections_per_client=2)
     other = await connect(nursery, server, "192.0.2.9")  # the oldest of all
     first = await connect(nursery, server, "192.0.2.1")
     second = await connect(nursery, server, "192.0.2.1")
@@ -523,7 +550,7 @@ async def test_a_hundred_idle_connections_neither_delay_a_probe_nor_log_tracebac
     clients: int,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="relate_smtp.health")
-    server = HealthServer("127.0.0.1", 0, [], CollectorRegistry())
+    server = HealthServer([("127.0.0.1", 0)], [], CollectorRegistry())
     idle = [await connect(nursery, server, f"10.0.0.{i % clients}") for i in range(100)]
     probe = await connect(nursery, server, "192.0.2.1")
     assert (await Client(probe).request("GET", "/healthz"))[0] == 200

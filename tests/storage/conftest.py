@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import pytest
@@ -48,6 +48,10 @@ class RawAccess(Protocol):
         ...
 
     async def count_rows(self, table: str) -> int: ...
+
+    async def email_references(self, email_id: uuid.UUID) -> str | None:
+        """The ``References`` column of one ``Emails`` row, as stored."""
+        ...
 
 
 class Backend(Protocol):
@@ -104,6 +108,12 @@ class SqliteRawAccess:
         assert table in TABLES
         ((count,),) = await self._execute(f'SELECT count(*) FROM "{table}"')
         return int(count)
+
+    async def email_references(self, email_id: uuid.UUID) -> str | None:
+        ((references,),) = await self._execute(
+            'SELECT "References" FROM "Emails" WHERE "Id" = ?', (str(email_id),)
+        )
+        return cast(str | None, references)
 
 
 def _now_text() -> str:

@@ -227,8 +227,9 @@ async def temporary_database(
 ) -> AsyncIterator[TempDatabase]:
     """Open a trio-asyncio loop, create a fresh database, yield it, drop it.
 
-    ``schema``: ``"empty"`` (no tables), ``"init"`` (relate-smtp's own schema file) or
-    ``"platform"`` (the EF-migrations fixture with the platform's other tables).
+    ``schema``: ``"empty"`` (no tables), ``"init"`` (the script ``relate-smtp db init``
+    runs on an empty database) or ``"platform"`` (the fixture: the platform's four EF
+    migrations as the Npgsql provider scripts them, history rows included).
     ``application_name`` tags the store's connections so a test can kill just those.
     """
     admin = parse_connection_string(ADMIN_URL)
@@ -315,6 +316,12 @@ class PostgresRawAccess:
     async def count_rows(self, table: str) -> int:
         assert table in TABLES
         return int(await self.db.fetchval(f'SELECT count(*) FROM "{table}"'))
+
+    async def email_references(self, email_id: uuid.UUID) -> str | None:
+        references: str | None = await self.db.fetchval(
+            'SELECT "References" FROM "Emails" WHERE "Id" = $1', email_id
+        )
+        return references
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ import attrs
 import pytest
 import trio
 
+from relate_smtp.handlers.message import build_email
 from relate_smtp.storage import (
     AdminStore,
     RecipientRow,
@@ -58,13 +59,16 @@ async def test_find_user_by_primary_address_ignores_case(store: AdminStore) -> N
     assert await store.find_user_by_address("bob@example.com") is None
 
 
-async def test_find_user_by_verified_alias_only(store: AdminStore, raw: RawAccess) -> None:
+async def test_find_user_by_alias_verified_or_not(store: AdminStore, raw: RawAccess) -> None:
+    """SPEC §4: the platform adds additional addresses unverified and cannot verify them;
+    the original's GetByEmailAsync ignores IsVerified."""
     alice = await make_user(store, "alice@example.com", "Sales@Example.com")
-    await raw.add_alias(alice.id, "pending@example.com", verified=False)
+    await raw.add_alias(alice.id, "Pending@Example.com", verified=False)
 
     assert await store.find_user_by_address("sales@example.com") == alice
     assert await store.find_user_by_address("SALES@example.COM") == alice
-    assert await store.find_user_by_address("pending@example.com") is None
+    assert await store.find_user_by_address("pending@example.com") == alice
+    assert await store.find_user_by_address("PENDING@example.com") == alice
 
 
 async def test_primary_address_wins_over_another_users_alias(
@@ -73,21 +77,23 @@ async def test_primary_address_wins_over_another_users_alias(
     alice = await make_user(store, "alice@example.com")
     bob = await make_user(store, "bob@example.com")
     await raw.add_alias(alice.id, "bob@example.com", verified=True)
+    await raw.add_alias(alice.id, "BOB@example.com", verified=False)
 
     assert await store.find_user_by_address("bob@example.com") == bob
+    assert await store.user_addresses(alice.id) == ("alice@example.com",)
 
 
-async def test_user_addresses_are_primary_and_verified_aliases_lower_cased(
+async def test_user_addresses_are_primary_and_aliases_lower_cased(
     store: AdminStore, raw: RawAccess
 ) -> None:
     alice = await make_user(store, "Alice@Example.com", "Sales@Example.com")
-    await raw.add_alias(alice.id, "pending@example.com", verified=False)
+    await raw.add_alias(alice.id, "Pending@example.com", verified=False)
     await make_user(store, "bob@example.com", "bob-alias@example.com")
 
     addresses = await store.user_addresses(alice.id)
 
     assert addresses[0] == "alice@example.com"
-    assert sorted(addresses) == ["alice@example.com", "sales@example.com"]
+    assert sorted(addresses) == ["alice@example.com", "pending@example.com", "sales@example.com"]
     assert await store.user_addresses(uuid.uuid4()) == ()
 
 
@@ -223,6 +229,35 @@ async def test_save_email_keeps_null_bodies_and_empty_display_name(store: AdminS
     assert got.attachments == ()
 
 
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("", ""),
+        ("References: no ids here\r\n", ""),
+        ("References: <a@x.example>\r\n <b@x.example>\r\n", "<a@x.example> <b@x.example>"),
+    ],
+)
+async def test_references_column_is_empty_string_without_ids(
+    store: AdminStore, raw: RawAccess, header: str, expected: str
+) -> None:
+    """SPEC §5: MimeKit's References list is never null, so the original stored "" for a
+    message without one; the platform may rely on the column being non-null."""
+    raw_message = (
+        f"From: a@example.com\r\nTo: b@example.org\r\nSubject: x\r\n{header}\r\nHi\r\n"
+    ).encode()
+    email = build_email(
+        raw_message,
+        envelope_recipients=("b@example.org",),
+        sent_by_user_id=None,
+        max_attachment_size=1 << 20,
+    )
+
+    saved = await store.save_email(email)
+
+    assert await raw.email_references(saved.id) == expected
+    assert (await stored(store, saved)).references == expected
+
+
 async def test_received_at_in_another_zone_is_the_same_instant(store: AdminStore) -> None:
     when = datetime(2024, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=5)))
 
@@ -310,30 +345,69 @@ async def test_each_user_is_linked_once(store: AdminStore) -> None:
     assert next(r for r in rows if r.user_id == alice.id).type == RECIPIENT_TO
 
 
-async def test_alias_addresses_link_but_unverified_ones_do_not(
-    store: AdminStore, raw: RawAccess
-) -> None:
+async def test_alias_addresses_link_verified_or_not(store: AdminStore, raw: RawAccess) -> None:
     alice = await make_user(store, "alice@example.com", "Sales@Example.com")
     bob = await make_user(store, "bob@example.com")
-    await raw.add_alias(bob.id, "pending@example.com", verified=False)
+    await raw.add_alias(bob.id, "Pending@Example.com", verified=False)
     email = new_email(
         header_recipients=(to("sales@example.com"), to("pending@example.com")),
-        envelope_recipients=("SALES@example.com", "pending@example.com"),
+        envelope_recipients=("SALES@example.com", "PENDING@example.com"),
     )
 
     saved = await store.save_email(email)
 
-    assert saved.linked_user_ids == (alice.id,)
+    assert saved.linked_user_ids == (alice.id, bob.id)
     assert recipients(await stored(store, saved)) == Counter(
         [
             RecipientRow(
                 address="sales@example.com", display_name=None, type=RECIPIENT_TO, user_id=alice.id
             ),
             RecipientRow(
-                address="pending@example.com", display_name=None, type=RECIPIENT_TO, user_id=None
+                address="pending@example.com", display_name=None, type=RECIPIENT_TO, user_id=bob.id
             ),
         ]
     )
+
+
+async def test_envelope_only_unverified_alias_gets_a_linked_bcc_row(
+    store: AdminStore, raw: RawAccess
+) -> None:
+    bob = await make_user(store, "bob@example.com")
+    await raw.add_alias(bob.id, "pending@example.com", verified=False)
+    email = new_email(
+        header_recipients=(to("list@remote.example"),),
+        envelope_recipients=("pending@example.com",),
+    )
+
+    saved = await store.save_email(email)
+
+    assert saved.linked_user_ids == (bob.id,)
+    assert recipients(await stored(store, saved)) == Counter(
+        [
+            RecipientRow(
+                address="list@remote.example", display_name=None, type=RECIPIENT_TO, user_id=None
+            ),
+            RecipientRow(
+                address="pending@example.com", display_name=None, type=RECIPIENT_BCC, user_id=bob.id
+            ),
+        ]
+    )
+
+
+async def test_primary_address_wins_when_linking(store: AdminStore, raw: RawAccess) -> None:
+    """SPEC §4: an address that is one user's primary belongs to that user even if
+    another lists it as additional, verified or not."""
+    alice = await make_user(store, "alice@example.com")
+    bob = await make_user(store, "bob@example.com")
+    await raw.add_alias(alice.id, "Bob@Example.com", verified=False)
+    email = new_email(
+        header_recipients=(to("bob@example.com"),), envelope_recipients=("BOB@example.com",)
+    )
+
+    saved = await store.save_email(email)
+
+    assert saved.linked_user_ids == (bob.id,)
+    assert [r.user_id for r in (await stored(store, saved)).recipients] == [bob.id]
 
 
 async def test_linked_user_ids_follow_row_order(store: AdminStore) -> None:
