@@ -201,6 +201,10 @@ class _Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# A route's handler and the methods it answers (None: every method).
+_Route = tuple[Callable[[], Awaitable[_Response]], tuple[bytes, ...] | None]
+
+
 def render_report(report: HealthReport) -> bytes:
     """The original's JSON: durations in milliseconds, nulls kept, camelCase keys."""
     document = {
@@ -250,7 +254,7 @@ class HealthServer:
             max_total=max_connections, max_per_client=max_connections_per_client
         )
         # /healthz answers every method, as the original's MapHealthChecks; None = any.
-        self._routes: dict[bytes, tuple[Callable[[], Awaitable[_Response]], tuple[bytes, ...] | None]] = {
+        self._routes: dict[bytes, _Route] = {
             b"/healthz": (self._healthz, None),
             b"/metrics": (self._metrics, _METHODS),
         }

@@ -293,7 +293,7 @@ async def test_init_schema_refuses_existing_tables_without_history_unchanged() -
         first = (await _columns(db), await _names(db, _INDEXES))
 
         for _ in range(2):
-            with pytest.raises(SchemaMissing, match='changed nothing.*unexpected column "Users"'):
+            with pytest.raises(SchemaMissing, match=r'changed nothing.*unexpected column "Users"'):
                 await store.init_schema()
 
         assert (await _columns(db), await _names(db, _INDEXES)) == first
