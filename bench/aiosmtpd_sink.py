@@ -71,7 +71,8 @@ def main() -> int:
         )
     )
     host, port = server.sockets[0].getsockname()[:2]
-    print(f"Listening: submission on {host}:{port} (none)", file=sys.stderr, flush=True)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # as relate-smtp logs it
+    print(f"Listening: submission on {where} (none)", file=sys.stderr, flush=True)
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.add_signal_handler(signal.SIGINT, loop.stop)
     try:

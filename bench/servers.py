@@ -28,7 +28,8 @@ import asyncpg
 
 REPO = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
-_LISTENING = re.compile(r"Listening: submission on (\S+):(\d+) \(none\)")
+# The host is in brackets when it is IPv6: "[::]:2525", "0.0.0.0:2525".
+_LISTENING = re.compile(r"Listening: submission on (\[[^\]\s]+\]|[^\s:]+):(\d+) \(none\)")
 _PROBLEM = re.compile(r"Traceback|\b(ERROR|CRITICAL|Exception|Error:)\b")
 
 AUTH_USER = "bench@example.com"
@@ -203,8 +204,8 @@ class Server:
                 )
             match = _LISTENING.search(self.log_text())
             if match:
-                host, self.port = match.group(1), int(match.group(2))
-                self.host = {"0.0.0.0": "127.0.0.1", "[::]": "::1", "::": "::1"}.get(host, host)
+                host, self.port = match.group(1).strip("[]"), int(match.group(2))
+                self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
                 return
             if self.port and _greets(self.host, self.port):
                 return

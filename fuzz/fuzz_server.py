@@ -34,6 +34,7 @@ import attrs
 from relate_smtp.protocol import (
     NEED_DATA,
     PAUSED,
+    AuthRequest,
     BareLineEndings,
     ConnectionClosed,
     Decision,
@@ -45,6 +46,7 @@ from relate_smtp.protocol import (
     ProtocolConfig,
     Reply,
     ServerConnection,
+    StartTLS,
     State,
 )
 
@@ -59,6 +61,11 @@ EXTRA_REPLIES: Final = 3
 MAX_HELD: Final = 5
 
 REJECTION: Final = Reply(550, "5.7.1", ("Refused by the fuzz application",))
+#: Decisions that 550 cannot answer (the core checks the code fits the decision).
+REJECTIONS: Final[dict[type[Decision], Reply]] = {
+    AuthRequest: Reply(535, "5.7.8", ("Refused by the fuzz application",)),
+    StartTLS: Reply(454, "4.7.0", ("Refused by the fuzz application",)),
+}
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9][ -][^\r\n]*")
 
 
@@ -80,6 +87,12 @@ def config_for(flags: int) -> ProtocolConfig:
         eightbitmime=not flags & 0x40,
         auth_enabled=not flags & 0x80,
     )
+
+
+def line_cap(config: ProtocolConfig) -> int:
+    """The most a receive buffer may hold: its longest line limit."""
+    mail = config.mail_line_limit(tls_active=True)
+    return max(config.max_command_line, config.max_auth_line, mail)
 
 
 def split_reads(stream: bytes, separator: int | None) -> list[bytes]:
@@ -179,11 +192,11 @@ class _Driver:
             if accept:
                 self.conn.accept()
             else:
-                self.conn.reject(REJECTION)
+                self.conn.reject(REJECTIONS.get(type(event), REJECTION))
 
     def check_bounds(self) -> None:
         conn, config = self.conn, self.config
-        assert len(conn._buffer) <= max(config.max_command_line, config.max_auth_line)
+        assert len(conn._buffer) <= line_cap(config)
         reader = conn._dot
         assert reader is None or len(reader._held) <= MAX_HELD
 

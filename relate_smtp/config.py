@@ -60,6 +60,10 @@ class SmtpSettings:
     bare_line_endings: str = "normalize"  # "normalize" | "reject"
     max_recipients: int = 100
     max_errors: int = 10
+    # Refused recipients per session (since the last accepted message) before 421, as
+    # Postfix's smtpd_hard_error_limit: apart from MaxErrors so that a mailing list with
+    # a few stale addresses is not cut off while a directory harvest is.
+    max_recipient_errors: int = 20
     command_timeout_seconds: float = 300.0
     data_timeout_seconds: float = 180.0
     min_data_rate_bytes_per_second: int = 500
@@ -164,6 +168,7 @@ KNOWN_KEYS: Final[tuple[str, ...]] = (
     "Smtp:BareLineEndings",
     "Smtp:MaxRecipients",
     "Smtp:MaxErrors",
+    "Smtp:MaxRecipientErrors",
     "Smtp:CommandTimeoutSeconds",
     "Smtp:DataTimeoutSeconds",
     "Smtp:MinDataRateBytesPerSecond",
@@ -885,6 +890,9 @@ def _convert(values: _Values, *, environment: str, cwd: str) -> Settings:
         ),
         max_recipients=_typed(values, "Smtp:MaxRecipients", _positive_int, d_smtp.max_recipients),
         max_errors=_typed(values, "Smtp:MaxErrors", _positive_int, d_smtp.max_errors),
+        max_recipient_errors=_typed(
+            values, "Smtp:MaxRecipientErrors", _positive_int, d_smtp.max_recipient_errors
+        ),
         command_timeout_seconds=_typed(
             values, "Smtp:CommandTimeoutSeconds", _positive_number, d_smtp.command_timeout_seconds
         ),

@@ -57,7 +57,8 @@ from tests.robustness.support import (
     sqlite_stored,
 )
 
-LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
+# The host is in brackets when it is IPv6: "[::]:2525", "0.0.0.0:2525".
+LISTENING = re.compile(r"Listening: (\S+) on (\[[^\]\s]+\]|[^\s:]+):(\d+) \((\w+)\)")
 SUMMARY_MESSAGES = re.compile(r" session \S+ listener=.* messages=(\d+) ")
 RSS_GROWTH_LIMIT = 0.05
 # The SQLite store keeps up to one connection per worker thread (the database file and

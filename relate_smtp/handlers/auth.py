@@ -354,6 +354,16 @@ def _recency(key: ApiKey) -> tuple[float, float, int]:
     return last_used, key.created_at.timestamp(), key.id.int
 
 
+def _may_act_as(username: str, authorization_id: str) -> bool:
+    """Whether a login may use this SASL authorization identity (RFC 4616 §2).
+
+    Relate has no proxy authorization: only an empty authzid or the login itself,
+    compared case-insensitively as logins are matched, is allowed. No password is
+    tested, so a refusal here is neither rate limited nor cached.
+    """
+    return not authorization_id or authorization_id.lower() == username.lower()
+
+
 def _default_thread_limit() -> int:
     # bcrypt releases the GIL, so one thread per core uses the machine without letting a
     # burst of AUTHs queue hundreds of threads.
@@ -414,8 +424,14 @@ class Authenticator:
         self._inflight: dict[bytes, _InFlight] = {}
         self.stats = AuthStats()
 
-    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthResult:
-        """Decide an AUTH attempt; never raises for bad input or a failing store."""
+    async def authenticate(
+        self, username: str, password: str, client_ip: str, *, authorization_id: str = ""
+    ) -> AuthResult:
+        """Decide an AUTH attempt; never raises for bad input or a failing store.
+
+        ``authorization_id`` is the SASL authzid (RFC 4616 §2): a user may only act as
+        itself, so one naming anybody else is refused without looking at the password.
+        """
         retry_after = self.rate_limiter.retry_after(client_ip)
         if retry_after is not None:
             self.stats.blocked += 1
@@ -427,6 +443,15 @@ class Authenticator:
                 username,
             )
             return AuthResult(outcome=AuthOutcome.BLOCKED, retry_after=retry_after)
+        if not _may_act_as(username, authorization_id):
+            self.stats.failures += 1
+            logger.info(
+                "AUTH for %r from %s refused: may not act as %r",
+                username,
+                client_ip,
+                authorization_id,
+            )
+            return AuthResult(outcome=AuthOutcome.FAILED)
 
         cache_key = self.cache.key_for(username, password)
         cached = self.cache.get(cache_key)

@@ -40,13 +40,13 @@ class ReceiveBuffer:
         self._search_from = 0
         self._discarding = False
 
-    def next_line(self, limit: int, long_limit: int, long_prefix: bytes) -> bytes | Line:
+    def next_line(self, limit: int, longer: tuple[tuple[bytes, int], ...] = ()) -> bytes | Line:
         """The next line including its LF, or a `Line` outcome.
 
-        A line may be ``limit`` octets long including its line end, or ``long_limit``
-        when it starts with ``long_prefix`` (compared case-insensitively; RFC 4954 lets
-        an AUTH command with initial response exceed 512 octets). Only LF ends a line:
-        a bare CR is content.
+        A line may be ``limit`` octets long including its line end, or more when it
+        starts with one of the ``longer`` prefixes (upper case, compared
+        case-insensitively): RFC 4954 lets AUTH and the extensions let MAIL exceed 512
+        octets. Only LF ends a line: a bare CR is content.
         """
         data = self._data
         end = data.find(b"\n", self._search_from)
@@ -59,9 +59,7 @@ class ReceiveBuffer:
             self._search_from = 0
             return Line.TOO_LONG
         length = end + 1 if end >= 0 else len(data) + 1  # a partial line grows at least by LF
-        if length > limit and (
-            length > long_limit or data[: len(long_prefix)].upper() != long_prefix
-        ):
+        if length > limit and length > _longer_limit(data, longer):
             if end < 0:
                 data.clear()
                 self._search_from = 0
@@ -101,3 +99,11 @@ class ReceiveBuffer:
         """Return bytes read past a message's end, to be parsed as commands."""
         self._data[0:0] = data
         self._search_from = 0
+
+
+def _longer_limit(data: bytearray, longer: tuple[tuple[bytes, int], ...]) -> int:
+    """The limit of the first prefix ``data`` starts with; 0 when none matches."""
+    for prefix, limit in longer:
+        if data[: len(prefix)].upper() == prefix:
+            return limit
+    return 0

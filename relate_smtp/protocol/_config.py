@@ -18,8 +18,22 @@ MAX_RECIPIENTS = 100
 # Protocol errors tolerated before the core answers 421 and closes: a client that keeps
 # sending garbage is broken or probing, and each error costs a reply.
 MAX_ERRORS = 10
+# Rejected recipients tolerated since the last accepted message before 421, as Postfix's
+# smtpd_hard_error_limit (20) counts them: without a cap one connection can probe
+# thousands of addresses. Kept apart from MAX_ERRORS, and cleared by each accepted
+# message, so a mailing list with a few stale addresses per message is never cut off.
+MAX_RECIPIENT_ERRORS = 20
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including the CRLF.
 MAX_COMMAND_LINE = 512
+# What each advertised extension adds to the MAIL line (RFC 5321 §4.5.3.1.4 lets
+# extensions raise the limit). RCPT gets nothing: no extension offered here (DSN is
+# not) defines a RCPT parameter.
+SIZE_ALLOWANCE = 26  # RFC 1870 §3 (5)
+AUTH_ALLOWANCE = 500  # RFC 4954 §3 (5), only while AUTH is offered on the channel
+SMTPUTF8_ALLOWANCE = 10  # RFC 6531 §3.1 (5)
+# RFC 6152 §2 and RFC 3030 §3 state no allowance for BODY=; without one a MAIL line at
+# the base limit could not carry the parameter, so its longest form is allowed for.
+BODY_ALLOWANCE = len(" BODY=BINARYMIME")
 # RFC 4954 §4: an AUTH command or SASL response line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
 
@@ -57,15 +71,19 @@ class ProtocolConfig:
 
     ``max_message_size`` 0 means no limit (advertised as a bare ``SIZE``).
     Authentication is required before MAIL only when both ``auth_enabled`` and
-    ``auth_required`` are true, so an MX listener just sets ``auth_enabled=False``.
+    ``auth_required`` are true, so an MX listener sets ``auth_required=False``.
     With ``allow_insecure_auth`` false, AUTH is neither advertised nor accepted until
     TLS is active. BINARYMIME is only offered together with CHUNKING (RFC 3030 §3).
+    ``max_recipient_errors`` counts the application's RCPT refusals apart from the
+    peer's protocol errors (``max_errors``): a refused recipient is not a broken client,
+    but thousands of them on one connection are a directory harvest.
     """
 
     hostname: str = attrs.field(default=DEFAULT_HOSTNAME, validator=_hostname)
     max_message_size: int = attrs.field(default=MAX_MESSAGE_SIZE, validator=_non_negative)
     max_recipients: int = attrs.field(default=MAX_RECIPIENTS, validator=_positive)
     max_errors: int = attrs.field(default=MAX_ERRORS, validator=_non_negative)
+    max_recipient_errors: int = attrs.field(default=MAX_RECIPIENT_ERRORS, validator=_non_negative)
     max_command_line: int = attrs.field(default=MAX_COMMAND_LINE, validator=_positive)
     max_auth_line: int = attrs.field(default=MAX_AUTH_LINE, validator=_positive)
     auth_enabled: bool = True
@@ -87,3 +105,14 @@ class ProtocolConfig:
     @property
     def binarymime_offered(self) -> bool:
         return self.chunking and self.binarymime
+
+    def mail_line_limit(self, *, tls_active: bool) -> int:
+        """The MAIL line limit: the command line plus each advertised extension's share."""
+        limit = self.max_command_line + SIZE_ALLOWANCE  # SIZE is always advertised
+        if self.auth_offered(tls_active=tls_active):
+            limit += AUTH_ALLOWANCE
+        if self.smtputf8:
+            limit += SMTPUTF8_ALLOWANCE
+        if self.eightbitmime or self.binarymime_offered:
+            limit += BODY_ALLOWANCE
+        return limit

@@ -20,6 +20,7 @@ from ._config import BareLineEndings, ProtocolConfig
 from ._data import Chunk, DotReader, Outcome
 from ._errors import LocalProtocolError
 from ._events import (
+    ANSWER_CODES,
     NEED_DATA,
     PAUSED,
     AnyDecision,
@@ -45,6 +46,7 @@ from ._sasl import Credentials, SaslExchange, start_exchange
 from ._state import MESSAGE_STATES, TRANSITIONS, Command, State, out_of_sequence
 
 _AUTH_PREFIX: Final = b"AUTH "
+_MAIL_PREFIX: Final = b"MAIL "
 
 
 @attrs.define
@@ -83,6 +85,8 @@ class ServerConnection:
         self._pending: Decision | None = None
         self._target = State.CONNECTED  # where accepting the pending decision leads
         self._errors = 0
+        self._recipient_errors = 0
+        self._longer_lines = self._longer_line_limits()
         self._transaction: _Transaction | None = None
         self._sasl: SaslExchange | None = None
         self._dot: DotReader | None = None
@@ -150,7 +154,10 @@ class ServerConnection:
         return event
 
     def accept(self, reply: Reply | None = None) -> None:
-        """Accept the pending decision, with its standard reply or a 2xx/3xx of your own."""
+        """Accept the pending decision, with its standard reply or one of your own.
+
+        Your reply's code must be one the decision can take (`_events.ANSWER_CODES`).
+        """
         decision = self._answer(reply, accepting=True)
         target = self._target
         match decision:
@@ -162,6 +169,9 @@ class ServerConnection:
                         else replies.helo_reply(self._config.hostname)
                     )
                 self._hello_name = domain
+                if self._transaction is not None:
+                    # RFC 5321 §4.1.4: an acceptable EHLO/HELO resets the transaction.
+                    self._reset_transaction()
             case AuthRequest():
                 reply = reply or replies.AUTH_SUCCEEDED
                 self._authenticated = True
@@ -180,13 +190,14 @@ class ServerConnection:
             case MessageEnd():
                 reply = reply or replies.OK
                 self._transaction = None
+                self._recipient_errors = 0  # Postfix: errors "without delivering mail"
             case _:
                 raise AssertionError(f"unknown decision {decision!r}")
         self._state = target
         self._out.append(reply.render())
 
     def reject(self, reply: Reply) -> None:
-        """Refuse the pending decision with a 4xx/5xx reply."""
+        """Refuse the pending decision with a 4xx/5xx reply; a 421 also closes."""
         decision = self._answer(reply, accepting=False)
         if isinstance(decision, MessageEnd):
             self._transaction = None
@@ -194,6 +205,10 @@ class ServerConnection:
         elif isinstance(decision, AuthRequest):
             self._state = self._target
         self._out.append(reply.render())
+        if reply.code == 421:
+            self._close()  # RFC 5321 §3.8: 421 means the server closes the channel
+        elif isinstance(decision, RcptTo):
+            self._count_recipient_error()
 
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call (replies batched)."""
@@ -211,6 +226,7 @@ class ServerConnection:
         if self._state is not State.TLS_HANDSHAKE:
             raise self._misuse("tls_started() without an accepted StartTLS")
         self._tls_active = True
+        self._longer_lines = self._longer_line_limits()
         self._authenticated = False
         self._hello_name = None
         self._transaction = None
@@ -239,9 +255,10 @@ class ServerConnection:
             return self._read_chunk()
         if self._dot is not None:
             return self._read_dot()
-        config = self._config
-        limit = config.max_auth_line if state is State.AUTH else config.max_command_line
-        line = self._buffer.next_line(limit, config.max_auth_line, _AUTH_PREFIX)
+        if state is State.AUTH:
+            line = self._buffer.next_line(self._config.max_auth_line)
+        else:
+            line = self._buffer.next_line(self._config.max_command_line, self._longer_lines)
         if line is Line.INCOMPLETE:
             return False
         try:
@@ -299,6 +316,26 @@ class ServerConnection:
             self._out.append(replies.TOO_MANY_ERRORS.render())
             self._close()
 
+    def _count_recipient_error(self) -> None:
+        """Count a refused recipient; past max_recipient_errors say 421 and close.
+
+        Apart from ``_errors``: a refused recipient is the application's answer, not a
+        broken client (see ``ProtocolConfig``). The core's own 452 for too many
+        recipients is not counted (RFC 5321 §4.5.3.1.10).
+        """
+        self._recipient_errors += 1
+        if self._recipient_errors > self._config.max_recipient_errors:
+            self._out.append(replies.TOO_MANY_RECIPIENT_ERRORS.render())
+            self._close()
+
+    def _longer_line_limits(self) -> tuple[tuple[bytes, int], ...]:
+        """Commands allowed past the command line limit, with their own limits."""
+        config = self._config
+        return (
+            (_AUTH_PREFIX, config.max_auth_line),  # RFC 4954 §4
+            (_MAIL_PREFIX, config.mail_line_limit(tls_active=self._tls_active)),
+        )
+
     def _close(self) -> None:
         self._state = State.CLOSED
         self._buffer.clear()
@@ -324,10 +361,11 @@ class ServerConnection:
         if reply is not None:
             if not isinstance(reply, Reply):
                 raise self._misuse(f"expected a Reply, got {reply!r}")
-            if accepting and reply.code >= 400:
-                raise self._misuse(f"accept() with an error reply {reply.code}")
-            if not accepting and reply.code < 400:
-                raise self._misuse(f"reject() with a success reply {reply.code}")
+            codes = ANSWER_CODES[type(decision)]
+            if reply.code not in (codes.accept if accepting else codes.reject):
+                verb = "accept" if accepting else "reject"
+                name = type(decision).__name__
+                raise self._misuse(f"{verb}() cannot answer {name} with {reply.code}")
         self._pending = None
         return decision
 
@@ -418,9 +456,6 @@ class ServerConnection:
     def _on_hello(self, command: Command, args: bytes, target: State | None) -> None:
         target = self._require(target, command)
         domain = parse_hello(_text(args), command)
-        if self._transaction is not None:  # RFC 5321 §4.1.4: EHLO/HELO resets
-            self._reset_transaction()
-            self._state = target
         self._decide(Hello(extended=command is Command.EHLO, domain=domain), target)
 
     def _on_auth(self, command: Command, args: bytes, target: State | None) -> None:

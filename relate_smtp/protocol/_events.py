@@ -7,6 +7,7 @@ answer (with ``accept``/``reject``) subclass `Decision`.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 import attrs
 
@@ -148,6 +149,38 @@ class ConnectionClosed(Event):
 
 #: Every concrete decision.
 AnyDecision = Hello | AuthRequest | MailFrom | RcptTo | StartTLS | MessageEnd
+
+
+@attrs.frozen
+class AnswerCodes:
+    """The reply codes that can answer one kind of decision."""
+
+    accept: frozenset[int]
+    reject: frozenset[int]
+
+
+# RFC 5321 §4.3.2: any command may also be answered 421, 500 or 501.
+_ANY = frozenset({421, 500, 501})
+# RFC 4954 §6: 530 to a command that needs authentication first.
+_AUTH_FIRST = frozenset({530})
+
+#: What `accept`/`reject` may answer each decision with: RFC 5321 §4.3.2's table and the
+#: codes the extensions add. Anything else (354 to RCPT, 250 to AUTH) is a bug.
+ANSWER_CODES: Final[dict[type[Decision], AnswerCodes]] = {
+    Hello: AnswerCodes(frozenset({250}), _ANY | {502, 504, 550}),
+    # RFC 4954 §4 and §6.
+    AuthRequest: AnswerCodes(frozenset({235}), _ANY | {432, 454, 504, 534, 535, 538}),
+    MailFrom: AnswerCodes(
+        frozenset({250}), _ANY | _AUTH_FIRST | {451, 452, 455, 503, 550, 552, 553, 555}
+    ),
+    RcptTo: AnswerCodes(
+        frozenset({250, 251}),
+        _ANY | _AUTH_FIRST | {450, 451, 452, 455, 503, 550, 551, 552, 553, 555},
+    ),
+    StartTLS: AnswerCodes(frozenset({220}), _ANY | {454}),  # RFC 3207 §4
+    # After the end of data (DATA, or BDAT LAST per RFC 3030 §2).
+    MessageEnd: AnswerCodes(frozenset({250}), frozenset({421, 450, 451, 452, 550, 552, 554})),
+}
 
 #: Every concrete event, so that a ``match`` over them can end in ``assert_never``.
 AnyEvent = (

@@ -45,6 +45,7 @@ def plan_listeners(settings: Settings, *, has_certificate: bool) -> list[tuple[L
         max_message_size=smtp.max_message_size_bytes,
         max_recipients=smtp.max_recipients,
         max_errors=smtp.max_errors,
+        max_recipient_errors=smtp.max_recipient_errors,
         bare_line_endings=BareLineEndings(smtp.bare_line_endings),
         auth_required=smtp.require_authentication,
         allow_insecure_auth=smtp.allow_insecure_auth,

@@ -311,7 +311,14 @@ def describe(listener: Listener, sockets: Sequence[socket.socket]) -> list[Bound
 
 def log_bound(bound: Sequence[BoundListener]) -> None:
     for item in bound:
-        lifecycle.info("Listening: %s on %s:%d (%s)", item.name, item.host, item.port, item.tls)
+        where = endpoint(item.host, item.port)
+        lifecycle.info("Listening: %s on %s (%s)", item.name, where, item.tls)
+
+
+def endpoint(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (``[::]:2525``) so the port is unambiguous
+    (RFC 3986 §3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def store_directory(settings: Settings) -> str:

@@ -55,6 +55,9 @@ from relate_smtp.storage import Store, StoreError
 log = logging.getLogger("relate_smtp.session")
 
 RECEIVE_SIZE = 64 * 1024
+# How long and how much input a closing session drops after its final reply (_linger).
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 64 * 1024
 # Moving a Trio deadline costs more than the rest of a small command: keep one that is
 # within a second of the exact value (RFC 5321's timeouts are minutes).
 _DEADLINE_SLACK = 1.0
@@ -174,6 +177,7 @@ class Session:
     async def run(self) -> None:
         metrics = self._services.metrics
         metrics.safely(metrics.active_connections.inc)
+        linger = False
         try:
             conn: ServerConnection | None = None
             # The clock also covers the implicit-TLS handshake, so that shutdown can
@@ -190,15 +194,21 @@ class Session:
                     self._outcome = "shutdown"
                 else:
                     await self._interrupted(conn)
+            # A final reply was sent to a peer that may still be talking.
+            linger = conn is not None and conn.closed and self._waiting != "send"
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._outcome = "peer hung up"
         except Exception:
             self._outcome = "internal error"
             log.exception("session from %s failed", self._client_ip)
-            await self._try_abort(INTERNAL_ERROR)
+            linger = await self._try_abort(INTERNAL_ERROR)
         finally:
             self._discard_message()
-            await _close_now(self._stream)
+            try:
+                if linger:
+                    await _linger(self._stream)
+            finally:
+                await _close_now(self._stream)
             metrics.safely(metrics.active_connections.dec)
             self._log_summary()
 
@@ -345,16 +355,19 @@ class Session:
         if clock is not None and clock.deadline != math.inf:
             clock.deadline = math.inf
 
-    async def _try_abort(self, reply: Reply) -> None:
+    async def _try_abort(self, reply: Reply) -> bool:
+        """Say ``reply`` (a 421) if the session is still open; True once it was sent."""
         conn = self._conn
         if conn is None or conn.closed:
-            return
+            return False
         try:
             conn.abort(reply)
-            with trio.move_on_after(1):
+            with trio.move_on_after(1) as scope:
                 await self._stream.send_all(conn.data_to_send())
         except Exception:
             log.debug("could not send the closing reply", exc_info=True)
+            return False
+        return not scope.cancelled_caught
 
     # ---- TLS ----------------------------------------------------------------------
 
@@ -394,7 +407,10 @@ class Session:
         metrics = self._services.metrics
         metrics.safely(metrics.auth_attempts.inc)
         result = await self._services.authenticator.authenticate(
-            event.username, event.password, self._client_ip
+            event.username,
+            event.password,
+            self._client_ip,
+            authorization_id=event.authorization_id,
         )
         if result.outcome is AuthOutcome.SUCCESS and result.user_id and result.address:
             self._principal = Principal(user_id=result.user_id, address=result.address)
@@ -508,6 +524,33 @@ class Session:
             self._bytes,
             self._outcome,
         )
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Shut our write side, then read and drop input briefly before the close.
+
+    A peer still sending (pipelined commands past a 421 for too many errors, or into a
+    shutdown or a timeout) would otherwise meet a close with unread input, which the
+    kernel answers with a reset that can discard the final reply before the peer reads
+    it. The FIN after the reply lets it read the reply and stop; the drain is bounded in
+    time and bytes, so a peer that never stops costs at most that (a lingering close,
+    as web servers do). Under TLS the TCP stream is shut directly: the reply is already
+    out, and SMTP's own framing makes a missing close_notify harmless.
+    """
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(transport, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(_LINGER_SECONDS):
+        try:
+            await transport.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                data = await transport.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
 
 async def _close_now(stream: trio.abc.Stream) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 
-class PrefixedStream(trio.abc.Stream):
+class PrefixedStream(trio.abc.HalfCloseableStream):
     """A stream that first returns ``prefix`` and then reads from ``inner``.
 
     Bytes that arrive in the same read as a PROXY header belong to what follows it
@@ -32,6 +32,13 @@ class PrefixedStream(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Half-close when the inner stream can (a TCP socket), else close it whole."""
+        if isinstance(self._inner, trio.abc.HalfCloseableStream):
+            await self._inner.send_eof()
+        else:
+            await self._inner.aclose()
 
     async def aclose(self) -> None:
         await self._inner.aclose()

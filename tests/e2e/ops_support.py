@@ -29,7 +29,8 @@ from relate_smtp.runtime.tls import LoadedCertificate, generate_dev_certificate
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.e2e.harness import Account, add_account
 
-LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
+# The host is in brackets when it is IPv6: "[::]:2525", "0.0.0.0:2525".
+LISTENING = re.compile(r"Listening: (\S+) on (\[[^\]\s]+\]|[^\s:]+):(\d+) \((\w+)\)")
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 
 

@@ -18,7 +18,8 @@ import trio
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.storage.helpers import attachment, new_email
 
-LISTENING = re.compile(r"Listening: (\S+) on (\S+):(\d+) \((\w+)\)")
+# The host is in brackets when it is IPv6: "[::]:2525", "0.0.0.0:2525".
+LISTENING = re.compile(r"Listening: (\S+) on (\[[^\]\s]+\]|[^\s:]+):(\d+) \((\w+)\)")
 
 
 ENVIRONMENT_VARIABLES = ("DOTNET_ENVIRONMENT", "ASPNETCORE_ENVIRONMENT")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import socket
 import sqlite3
 import ssl
+import threading
+import time
 import uuid
 from contextlib import closing
 from datetime import UTC, datetime
@@ -332,3 +336,51 @@ async def test_authentication_is_forgotten_after_starttls(
                 return auth[0], smtp.mail("alice@example.com")[0]
 
         assert await in_thread(talk) == (235, 530)
+
+
+def flood_and_read_slowly(port: int, garbage: bytes) -> bytes:
+    """Pipeline ``garbage`` from a second thread while reading slowly until EOF or reset.
+
+    A small receive buffer read a little at a time keeps the server's last replies in
+    its send queue when it closes: a close with unread input would reset the connection
+    and drop them.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    received = b""
+
+    def keep_sending() -> None:
+        # The server may go away first: the test looks at what was read.
+        with contextlib.suppress(OSError):
+            sock.sendall(garbage)
+
+    with closing(sock):
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        time.sleep(0.3)
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(256):
+                received += chunk
+                time.sleep(0.002)
+        except ConnectionResetError:
+            pass
+        sender.join()
+    return received
+
+
+async def test_421_reaches_a_client_still_sending(tmp_path: Path, store: SqliteStore) -> None:
+    """Past MaxErrors the 421 is read before EOF even by a client that keeps pipelining:
+    the server half-closes and drains instead of resetting the connection."""
+    settings = make_settings(tmp_path, "Smtp:MaxErrors=100")
+    async with running_server(settings, store) as running:
+        port = running.port("submission")
+        # More than one read (64 KiB), so input is left unread at the close, but what is
+        # left after the 101 lines answered stays within the 64 KiB drained.
+        garbage = b"GARBAGE\r\n" * 7_350
+        received = await in_thread(lambda: flood_and_read_slowly(port, garbage))
+    lines = received.split(b"\r\n")
+    assert lines[0].startswith(b"220 ")
+    assert lines[1:102] == [b"500 5.5.2 Command not recognized"] * 101
+    assert lines[102:] == [b"421 4.7.0 Too many errors, closing channel", b""]

@@ -747,6 +747,24 @@ async def test_login_is_case_insensitive_and_reported_lower_cased() -> None:
     assert result.address == "alice@example.com"
 
 
+@pytest.mark.parametrize("authzid", ["", "alice@example.com", "ALICE@Example.com"])
+async def test_authorization_identity_empty_or_the_login_itself(authzid: str) -> None:
+    h = Harness()
+    result = await h.auth.authenticate("Alice@example.com", h.raw, IP, authorization_id=authzid)
+    assert result.outcome is AuthOutcome.SUCCESS
+
+
+@pytest.mark.parametrize("authzid", ["bob@example.com", "alias@example.org", "admin"])
+async def test_authorization_identity_of_someone_else_is_refused(authzid: str) -> None:
+    """RFC 4616 §2: the server may refuse to let the login act as another identity;
+    Relate has no proxy authorization, so a valid key does not help (535 5.7.8)."""
+    h = Harness()
+    result = await h.auth.authenticate("alice@example.com", h.raw, IP, authorization_id=authzid)
+    assert result.outcome is AuthOutcome.FAILED
+    assert h.verify.calls == 0
+    assert h.store.calls["find_user_by_address"] == 0
+
+
 async def test_an_additional_address_does_not_log_in() -> None:
     """SPEC §3 matches the login on Users.Email only; a verified alias receives mail."""
     h = Harness()

@@ -12,6 +12,8 @@ from relate_smtp.protocol import (
     ConnectionClosed,
     LocalProtocolError,
     MailFrom,
+    MessageChunk,
+    MessageStart,
     Pending,
     ProtocolError,
     Reply,
@@ -156,3 +158,83 @@ def test_unexpected_exception_puts_the_connection_in_error(monkeypatch: pytest.M
     with pytest.raises(RuntimeError):
         conn.next_event()
     assert conn.state is State.ERROR
+
+
+def pending(decision: str) -> ServerConnection:
+    """A connection with a decision of the named kind waiting for its answer."""
+    mail, rcpt = b"MAIL FROM:<a@b.example>\r\n", b"RCPT TO:<c@d.example>\r\n"
+    before, last = {
+        "Hello": ([], b"EHLO again.example\r\n"),
+        "AuthRequest": ([], b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n"),
+        "MailFrom": ([], mail),
+        "RcptTo": ([mail], rcpt),
+        "StartTLS": ([], b"STARTTLS\r\n"),
+        "MessageEnd": ([mail, rcpt], b"DATA\r\nx\r\n.\r\n"),
+    }[decision]
+    conn = greeted(auth=decision != "AuthRequest", tls_available=True)
+    feed(conn, *before)
+    conn.receive_data(last)
+    event = conn.next_event()
+    while isinstance(event, MessageStart | MessageChunk):
+        event = conn.next_event()
+    assert type(event).__name__ == decision, event
+    return conn
+
+
+def _reply(code: int) -> Reply:
+    return Reply(code, None, ("text",))
+
+
+@pytest.mark.parametrize(
+    ("decision", "verb", "code"),
+    [
+        ("RcptTo", "accept", 354),  # RFC 5321 §4.3.2: RCPT is answered 250/251 or an error
+        ("MailFrom", "accept", 354),
+        ("MessageEnd", "accept", 354),
+        ("Hello", "accept", 221),
+        ("AuthRequest", "accept", 250),  # RFC 4954 §6: success is 235
+        ("StartTLS", "accept", 250),  # RFC 3207 §4: 220
+        ("MailFrom", "accept", 451),  # an error passed to accept
+        ("RcptTo", "reject", 250),  # a success passed to reject
+        ("AuthRequest", "reject", 550),
+        ("StartTLS", "reject", 550),
+        ("MessageEnd", "reject", 530),
+        ("Hello", "reject", 451),
+    ],
+)
+def test_answer_with_a_code_the_decision_cannot_take(decision: str, verb: str, code: int) -> None:
+    conn = pending(decision)
+    with pytest.raises(LocalProtocolError):
+        getattr(conn, verb)(_reply(code))
+    assert conn.state is State.ERROR
+
+
+@pytest.mark.parametrize(
+    ("decision", "verb", "code"),
+    [
+        ("RcptTo", "accept", 251),
+        ("RcptTo", "reject", 530),  # RFC 4954 §6
+        ("MailFrom", "reject", 553),
+        ("AuthRequest", "accept", 235),
+        ("AuthRequest", "reject", 454),
+        ("StartTLS", "accept", 220),
+        ("StartTLS", "reject", 454),
+        ("MessageEnd", "reject", 554),
+        ("Hello", "reject", 550),
+    ],
+)
+def test_answer_with_a_code_the_decision_can_take(decision: str, verb: str, code: int) -> None:
+    conn = pending(decision)
+    getattr(conn, verb)(_reply(code))
+    assert conn.state is not State.ERROR
+
+
+@pytest.mark.parametrize("decision", ["Hello", "AuthRequest", "MailFrom", "RcptTo", "MessageEnd"])
+def test_reject_with_421_closes_the_session(decision: str) -> None:
+    """RFC 5321 §3.8: a 421 reply means the server closes the channel."""
+    conn = pending(decision)
+    conn.receive_data(b"NOOP\r\n")  # pipelined behind: never answered
+    conn.reject(SHUTTING_DOWN)
+    assert conn.closed
+    assert isinstance(conn.next_event(), ConnectionClosed)
+    assert conn.data_to_send().endswith(b"421 4.3.2 Service shutting down, closing channel\r\n")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from relate_smtp.protocol import BareLineEndings, ConnectionClosed, MailFrom, RcptTo, State
+from relate_smtp.protocol import (
+    BareLineEndings,
+    ConnectionClosed,
+    MailFrom,
+    ProtocolConfig,
+    RcptTo,
+    Reply,
+    State,
+)
 
 from .helpers import connect, drain, feed, greeted, replies, talk
 
@@ -181,3 +189,96 @@ def test_pipelined_replies_wait_for_each_decision() -> None:
     assert isinstance(conn.next_event(), RcptTo)
     conn.accept()
     assert conn.data_to_send() == b"250 2.1.5 Recipient OK\r\n"
+
+
+def mail_line(length: int, params: bytes = b"") -> bytes:
+    """A MAIL line of exactly ``length`` octets, padded inside its AUTH= mailbox."""
+    head = b"MAIL FROM:<a@b.example>" + params
+    fixed = len(head + b" AUTH=<@example.org>\r\n")
+    return head + b" AUTH=<" + b"x" * (length - fixed) + b"@example.org>\r\n"
+
+
+def test_mail_line_with_auth_size_and_body_is_not_too_long() -> None:
+    """RFC 4954 §3 (+500 for AUTH=) and RFC 1870 §3 (+26 for SIZE=) raise the MAIL limit."""
+    conn = greeted()
+    line = mail_line(554, b" SIZE=1000 BODY=8BITMIME")
+    assert len(line) == 554
+    events, lines = talk(conn, line)
+    assert lines == ["250 2.1.0 Sender OK"]
+    mail = next(e for e in events if isinstance(e, MailFrom))
+    assert mail.size == 1000
+    assert mail.auth is not None and mail.auth.endswith("@example.org>")
+
+
+def test_mail_line_limit_adds_every_advertised_extension() -> None:
+    # RFC 5321 §4.5.3.1.4 512, + SIZE 26 (RFC 1870), + AUTH 500 (RFC 4954),
+    # + SMTPUTF8 10 (RFC 6531 §3.1), + BODY=BINARYMIME 16 (RFC 6152, RFC 3030).
+    limit = 512 + 26 + 500 + 10 + 16
+    assert ProtocolConfig().mail_line_limit(tls_active=False) == limit
+    conn = greeted()
+    _, lines = talk(conn, mail_line(limit, b" SIZE=1 SMTPUTF8 BODY=BINARYMIME"))
+    assert lines == ["250 2.1.0 Sender OK"]
+    conn = greeted()
+    _, lines = talk(conn, mail_line(limit + 1), b"NOOP\r\n")
+    assert lines == ["500 5.5.2 Line too long", "250 2.0.0 OK"]
+
+
+def test_only_advertised_extensions_raise_the_mail_limit() -> None:
+    """AUTH's 500 octets count only while AUTH is offered on the channel."""
+    line = mail_line(600)
+    offered = greeted()
+    _, lines = talk(offered, line)
+    assert lines == ["250 2.1.0 Sender OK"]
+    hidden = greeted(auth=False, auth_required=False, allow_insecure_auth=False)
+    _, lines = talk(hidden, line)
+    assert lines == ["500 5.5.2 Line too long"]
+    bare = ProtocolConfig(auth_enabled=False, smtputf8=False, eightbitmime=False, chunking=False)
+    assert bare.mail_line_limit(tls_active=True) == 512 + 26  # SIZE is always advertised
+
+
+def test_rcpt_line_gets_no_extension_allowance() -> None:
+    """No extension offered here (DSN is not) adds a RCPT parameter."""
+    conn = greeted()
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n")
+    conn.data_to_send()
+    rcpt = b"RCPT TO:<" + b"r" * (513 - len(b"RCPT TO:<@d.example>\r\n")) + b"@d.example>\r\n"
+    assert len(rcpt) == 513
+    _, lines = talk(conn, rcpt)
+    assert lines == ["500 5.5.2 Line too long"]
+
+
+def test_rejected_recipients_close_the_session_past_their_limit() -> None:
+    """Postfix's smtpd_hard_error_limit: a client cannot probe thousands of addresses."""
+    from relate_smtp.protocol import UNKNOWN_USER
+
+    conn = greeted()
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n")
+    conn.data_to_send()
+    rcpts = [b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(1000)]
+    events, lines = talk(conn, *rcpts, policy=lambda d: UNKNOWN_USER)
+    assert lines == ["550 5.1.1 No such user here"] * 21 + [
+        "421 4.7.0 Too many rejected recipients, closing channel"
+    ]
+    assert len([e for e in events if isinstance(e, RcptTo)]) == 21
+    assert conn.closed
+    assert events[-1] == ConnectionClosed()
+
+
+def test_each_delivered_message_clears_the_recipient_errors() -> None:
+    """A mailing list with a few stale addresses per message is never cut off."""
+    from relate_smtp.protocol import UNKNOWN_USER, Decision
+
+    def policy(decision: Decision) -> Reply | None:
+        stale = isinstance(decision, RcptTo) and decision.local_part.startswith("stale")
+        return UNKNOWN_USER if stale else None
+
+    conn = greeted(max_recipient_errors=5)
+    stale = b"".join(b"RCPT TO:<stale%d@d.example>\r\n" % i for i in range(5))
+    message = b"MAIL FROM:<list@b.example>\r\nRCPT TO:<ok@d.example>\r\n" + stale
+    _, lines = talk(conn, *[message + b"DATA\r\nhello\r\n.\r\n"] * 10, policy=policy)
+    assert lines.count("250 2.0.0 OK") == 10
+    assert not conn.closed
+    # Without a delivery in between, the sixth refusal is one too many.
+    _, lines = talk(conn, message, stale[: stale.index(b"\n") + 1], policy=policy)
+    assert lines[-1] == "421 4.7.0 Too many rejected recipients, closing channel"
+    assert conn.closed

@@ -58,6 +58,7 @@ from relate_smtp.protocol import (
     State,
     message_accepted,
 )
+from relate_smtp.protocol._events import ANSWER_CODES
 from relate_smtp.protocol._state import TRANSITIONS, Command
 
 CRLF: Final = b"\r\n"
@@ -125,6 +126,23 @@ def deterministic_policy(decision: Decision) -> Reply | None:
             return message_accepted(f"Q{size}")
         case _:
             return None
+
+
+def refusal(decision: Decision) -> Reply:
+    """A policy refusal whose code fits the decision (the core checks that it does)."""
+    match decision:
+        case AuthRequest():
+            return Reply(535, "5.7.8", (f"refused {POLICY_MARK}",))
+        case StartTLS():
+            return Reply(454, "4.7.0", (f"refused {POLICY_MARK}",))
+        case _:
+            return Reply(550, "5.7.1", (f"refused {POLICY_MARK}",))
+
+
+def line_cap(config: ProtocolConfig) -> int:
+    """The most the receive buffer may hold: the longest line limit."""
+    mail = config.mail_line_limit(tls_active=True)
+    return max(config.max_command_line, config.max_auth_line, mail)
 
 
 def answer(conn: ServerConnection, reply: Reply | None) -> None:
@@ -539,7 +557,7 @@ def check_command_in_state(
     line = command_line(verb, style, lower=lower)
 
     def policy(decision: Decision) -> Reply | None:
-        return None if accepting else Reply(550, "5.7.1", (f"refused {POLICY_MARK}",))
+        return None if accepting else refusal(decision)
 
     if state is State.ERROR:
         with pytest.raises(LocalProtocolError):
@@ -591,9 +609,9 @@ def check_command_in_state(
     if not is_error(reply):
         assert after is target, (state, line, reply, after)
         return
-    in_transaction = state in (State.MAIL, State.RCPT, State.BDAT)
-    resets = command in (Command.EHLO, Command.HELO) and in_transaction
-    assert after is (target if resets and decisions else state), (state, line, reply)
+    # A refused command changes nothing; a refused EHLO/HELO keeps the transaction too
+    # (RFC 5321 §4.1.4 resets it only for an acceptable one).
+    assert after is state, (state, line, reply)
     if style == "valid" and accepting:
         assert refused_by_configuration(conn, command, config), (state, line, reply)
 
@@ -604,7 +622,16 @@ ABORT: Final = SHUTTING_DOWN
 REJECTIONS: Final = [
     Reply(550, "5.7.1", (f"refused {POLICY_MARK}",)),
     Reply(451, "4.3.0", (f"try later {POLICY_MARK}", f"really {POLICY_MARK}")),
+    Reply(454, "4.7.0", (f"not now {POLICY_MARK}",)),
+    Reply(535, "5.7.8", (f"bad credentials {POLICY_MARK}",)),
 ]
+RECIPIENTS_421: Final = "421 4.7.0 Too many rejected recipients"
+#: A rejection that also closes the session (RFC 5321 §3.8).
+CLOSING_REJECTION: Final = Reply(421, "4.3.2", (f"going away {POLICY_MARK}",))
+ACCEPT_REPLIES: Final[dict[type[Decision], Reply]] = {
+    AuthRequest: Reply(235, "2.7.0", (f"welcome {POLICY_MARK}",)),
+    StartTLS: Reply(220, "2.0.0", (f"go ahead {POLICY_MARK}",)),
+}
 ACCEPT_REPLY: Final = Reply(250, "2.0.0", (f"fine {POLICY_MARK}",))
 
 VALID_ARGS: Final[dict[bytes, list[bytes]]] = {
@@ -718,6 +745,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.config = ProtocolConfig()
         self.rng = random.Random(0)
         self.errors = 0
+        self.recipient_errors = 0
         self.collected = bytearray()
         self.ended: list[bytes] = []
         self.bdat_expected = bytearray()
@@ -729,6 +757,7 @@ class SessionMachine(RuleBasedStateMachine):
             bare_line_endings=st.sampled_from(BareLineEndings),
             max_message_size=st.sampled_from([0, 300, 5000]),
             max_errors=st.sampled_from([20, 10, 1]),
+            max_recipient_errors=st.sampled_from([20, 1]),
             max_recipients=st.sampled_from([1, 3]),
             max_command_line=st.sampled_from([64, 512]),
             max_auth_line=st.sampled_from([256, 12288]),
@@ -753,12 +782,22 @@ class SessionMachine(RuleBasedStateMachine):
         if roll < 0.01:
             self.conn.abort(ABORT)
             return False
+        if roll < 0.02:
+            self.conn.reject(CLOSING_REJECTION)
+            return True
         if roll < 0.7:
             self.conn.accept()
+            if isinstance(decision, MessageEnd):
+                self.recipient_errors = 0
         elif roll < 0.8:
-            self.conn.accept(ACCEPT_REPLY)
+            self.conn.accept(ACCEPT_REPLIES.get(type(decision), ACCEPT_REPLY))
+            if isinstance(decision, MessageEnd):
+                self.recipient_errors = 0
         else:
-            self.conn.reject(self.rng.choice(REJECTIONS))
+            codes = ANSWER_CODES[type(decision)].reject
+            self.conn.reject(self.rng.choice([r for r in REJECTIONS if r.code in codes]))
+            if isinstance(decision, RcptTo):
+                self.recipient_errors += 1
         return True
 
     def _drain(self) -> None:
@@ -836,7 +875,11 @@ class SessionMachine(RuleBasedStateMachine):
         # Every core error counts; one past max_errors the core says 421 and closes.
         for line in finals:
             if line.startswith("421"):
-                if line.startswith("421 4.7.0"):
+                if line.startswith(RECIPIENTS_421):
+                    # Refused recipients are counted on their own, apart from errors.
+                    assert self.recipient_errors == self.config.max_recipient_errors + 1
+                    assert POLICY_MARK in finals[-2], finals
+                elif line.startswith("421 4.7.0"):
                     assert self.errors == self.config.max_errors + 1, (self.errors, finals)
                 break
             # 452 4.5.3 (recipients over the limit) is the protocol working, not an
@@ -908,6 +951,8 @@ class SessionMachine(RuleBasedStateMachine):
             limit = config.max_auth_line
         elif prefix == b"AUTH PLAIN ":  # RFC 4954 §4: AUTH may be longer than 512
             limit = max(config.max_command_line, config.max_auth_line)
+        elif prefix == b"MAIL FROM:<":  # the advertised extensions' allowances
+            limit = config.mail_line_limit(tls_active=self.conn.tls_active)
         else:
             limit = config.max_command_line
         filler = max(0, limit + excess - len(prefix) - len(ending))
@@ -989,6 +1034,7 @@ class SessionMachine(RuleBasedStateMachine):
     def _reconnect(self) -> None:
         self.conn = ServerConnection(self.config)
         self.errors = 0
+        self.recipient_errors = 0
         assert final_replies(self.conn.data_to_send()) == [f"220 {self.config.hostname} ESMTP"]
 
     @rule(ending=st.sampled_from(["none", "none", "none", "none", "eof", "abort"]))
@@ -1013,7 +1059,7 @@ class SessionMachine(RuleBasedStateMachine):
     @invariant()
     def buffers_stay_under_their_caps(self) -> None:
         conn = self.conn
-        assert len(conn._buffer) <= max(self.config.max_command_line, self.config.max_auth_line)
+        assert len(conn._buffer) <= line_cap(self.config)
         if conn._dot is not None:
             assert len(conn._dot._held) <= 5
 

@@ -133,17 +133,37 @@ def test_ehlo_without_domain_is_a_syntax_error() -> None:
     ]
 
 
-def test_ehlo_inside_a_transaction_resets_it_first() -> None:
+def test_accepted_ehlo_inside_a_transaction_resets_it() -> None:
     conn = greeted()
     feed(conn, b"MAIL FROM:<a@b.example>\r\n", b"RCPT TO:<c@d.example>\r\n")
     conn.data_to_send()
     events, lines = talk(conn, b"EHLO again.example\r\n")
-    assert [type(e) for e in events] == [Reset, Hello]
+    assert [type(e) for e in events] == [Hello, Reset]  # RFC 5321 §4.1.4: once accepted
     assert lines[0] == "250-localhost"
     assert conn.state is State.READY
     assert conn.authenticated  # a second EHLO does not forget AUTH
     _, lines = talk(conn, b"RCPT TO:<c@d.example>\r\n")
     assert lines == ["503 5.5.1 Need MAIL command first"]
+
+
+def test_rejected_ehlo_inside_a_transaction_keeps_it() -> None:
+    """RFC 5321 §4.1.4: the reset happens only if the EHLO is acceptable."""
+    conn = greeted()
+    feed(conn, b"MAIL FROM:<a@b.example>\r\n", b"RCPT TO:<c@d.example>\r\n")
+    conn.data_to_send()
+    refused = Reply(550, "5.7.1", ("Bad HELO name",))
+    events, lines = talk(
+        conn, b"EHLO bad.example\r\n", policy=lambda d: refused if isinstance(d, Hello) else None
+    )
+    assert [type(e) for e in events] == [Hello]  # no Reset
+    assert lines == ["550 5.7.1 Bad HELO name"]
+    assert conn.state is State.RCPT
+    _, lines = talk(conn, b"RCPT TO:<e@f.example>\r\nDATA\r\nhi\r\n.\r\n")
+    assert lines == [
+        "250 2.1.5 Recipient OK",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 OK",
+    ]
 
 
 def test_verbs_and_parameters_are_case_insensitive() -> None:
