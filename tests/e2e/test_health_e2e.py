@@ -421,3 +421,42 @@ async def test_idle_connections_do_not_starve_probes(
         finally:
             for stream in idle:
                 await trio.aclose_forcefully(stream)
+
+
+async def test_metrics_show_the_buffer_budget_and_what_waits(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    """A large message that finds the budget full waits (its 250 with it), shows in
+    /metrics while it waits, and is stored once room is made."""
+    settings = make_settings(
+        tmp_path,
+        "HealthCheck:DnsMxDomain=",
+        "Smtp:RequireAuthentication=false",
+        "Smtp:MaxBufferedBytes=1000000",
+    )
+    body = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 2000  # 156 KB: parsed off-loop
+    async with running_server(settings, store) as running:
+        health, port = running.port("health"), running.port("submission")
+        idle = await scrape(health)
+        peer = await SmtpLineClient.connect(port)
+        try:
+            assert (await peer.reply())[0] == 220
+            await peer.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+            for _ in range(3):
+                await peer.reply()
+            async with running.server.budget.hold(1_000_000, timeout=0):
+                assert (await peer.command("DATA"))[0] == 354
+                await peer.send(body + b".\r\n")
+                with trio.fail_after(10):
+                    # The session joins the queue once its bytes have crossed the socket.
+                    while running.server.budget.waiting == 0:  # noqa: ASYNC110
+                        await trio.sleep(0.001)
+                waiting = await scrape(health)
+            assert (await peer.reply())[0] == 250
+        finally:
+            await peer.aclose()
+    assert idle["smtp_buffer_budget_bytes"] == 1_000_000
+    assert (idle["smtp_buffer_held_bytes"], idle["smtp_buffer_waiting_bytes"]) == (0, 0)
+    assert waiting["smtp_buffer_held_bytes"] == 1_000_000
+    assert waiting["smtp_buffer_waiting_bytes"] == 2 * len(body)
+    assert len(await store.list_emails(10)) == 1
