@@ -25,13 +25,13 @@ addresses (553 5.7.1).
 
 from __future__ import annotations
 
-import enum
 import logging
 import uuid
 from collections.abc import Collection
 
 import attrs
 
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import (
     AUTH_REQUIRED,
     LOCAL_ERROR,
@@ -45,14 +45,6 @@ from relate_smtp.storage import Store, StoreError
 log = logging.getLogger("relate_smtp.policy")
 
 POSTMASTER = "postmaster"
-
-
-class ListenerKind(enum.Enum):
-    """The three SMTP endpoints of SPEC §1; the value is the listener's public name."""
-
-    SUBMISSION = "submission"
-    SUBMISSION_TLS = "submission-tls"
-    MX = "mx"
 
 
 @attrs.frozen(kw_only=True)

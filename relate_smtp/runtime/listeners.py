@@ -12,7 +12,7 @@ import socket
 import attrs
 
 from relate_smtp.config import Settings
-from relate_smtp.handlers.policy import ListenerKind
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import BareLineEndings, ProtocolConfig
 from relate_smtp.runtime.session import Listener
 

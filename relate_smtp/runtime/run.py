@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import trio
 
 from relate_smtp.config import Settings
-from relate_smtp.handlers.policy import ListenerKind
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.runtime import tls
 from relate_smtp.runtime.listeners import StartupError
 from relate_smtp.runtime.server import Server

@@ -26,7 +26,8 @@ from relate_smtp.handlers.budget import MemoryBudget
 from relate_smtp.handlers.delivery import MessageDelivery, NewMailListener
 from relate_smtp.handlers.notify import Notifier
 from relate_smtp.handlers.parsing import MessageParser
-from relate_smtp.handlers.policy import ListenerKind, MailboxFilter
+from relate_smtp.handlers.policy import MailboxFilter
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import TOO_MANY_CONNECTIONS
 from relate_smtp.runtime import checks
 from relate_smtp.runtime.addresses import plain_address

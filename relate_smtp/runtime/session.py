@@ -19,7 +19,8 @@ import trio
 
 from relate_smtp.handlers.auth import Authenticator, AuthOutcome
 from relate_smtp.handlers.delivery import MessageDelivery
-from relate_smtp.handlers.policy import Envelope, ListenerKind, MailboxFilter, Principal
+from relate_smtp.handlers.policy import Envelope, MailboxFilter, Principal
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import (
     AUTH_FAILED,
     AUTH_TEMPORARY_FAILURE,

@@ -24,7 +24,7 @@ import trio
 from prometheus_client import CollectorRegistry, multiprocess
 
 from relate_smtp.config import Settings
-from relate_smtp.handlers.policy import ListenerKind
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.runtime.checks import StatusLike
 from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listeners
 from relate_smtp.runtime.run import (

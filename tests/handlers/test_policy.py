@@ -15,12 +15,12 @@ import pytest
 
 from relate_smtp.handlers.policy import (
     Envelope,
-    ListenerKind,
     MailboxFilter,
     Principal,
     has_relay_trick,
     normalize_domain,
 )
+from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import (
     AUTH_REQUIRED,
     LOCAL_ERROR,
