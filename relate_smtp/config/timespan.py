@@ -24,7 +24,7 @@ from typing import Final
 
 import attrs
 
-__all__ = ["TICKS_PER_SECOND", "TimeSpanError", "parse_timespan"]
+__all__ = ["TICKS_PER_SECOND", "TimeSpanError", "format_timespan", "parse_timespan"]
 
 TICKS_PER_SECOND: Final = 10_000_000
 
@@ -126,6 +126,19 @@ def parse_timespan(text: str) -> int:
     if matched:
         raise _out_of_range()
     raise _bad()
+
+
+def format_timespan(seconds: float) -> str:
+    """``seconds`` in TimeSpan's constant form (``[-][d.]hh:mm:ss[.fffffff]``), as the
+    original's documentation writes a default such as ``00:15:00``."""
+    ticks = round(seconds * TICKS_PER_SECOND)
+    sign = "-" if ticks < 0 else ""
+    whole, fraction = divmod(abs(ticks), TICKS_PER_SECOND)
+    minutes, second = divmod(whole, 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    text = f"{sign}{f'{days}.' if days else ''}{hour:02}:{minute:02}:{second:02}"
+    return f"{text}.{fraction:07}" if fraction else text
 
 
 def _bad() -> TimeSpanError:

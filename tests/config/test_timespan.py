@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from relate_smtp.timespan import TICKS_PER_SECOND, TimeSpanError, parse_timespan
+from relate_smtp.config.timespan import TICKS_PER_SECOND, TimeSpanError, parse_timespan
 
 S = TICKS_PER_SECOND
 DAY = 86_400 * S
