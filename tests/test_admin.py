@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from relate_smtp import admin
+from relate_smtp import admin, cli
 from relate_smtp.cli import printable
 from relate_smtp.config import Settings, StorageSettings
 from relate_smtp.handlers.message import build_email
+from relate_smtp.storage import AddressTaken, TooLong
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.storage.helpers import attachment, new_email, to
 
@@ -146,3 +147,29 @@ async def test_an_unknown_message_id_is_an_admin_error(
 ) -> None:
     with pytest.raises(admin.AdminError):
         await admin.mail_show(settings, uuid.uuid4())
+
+
+async def test_users_add_refuses_a_taken_address_with_a_typed_error(
+    store: SqliteStore, settings: Settings
+) -> None:
+    await store.create_user("alice@example.com", display_name=None, aliases=[])
+
+    with pytest.raises(AddressTaken, match=r"'ALICE@example\.com' already belongs to a user"):
+        await admin.users_add(settings, "new@example.com", None, ["ALICE@example.com"])
+
+    assert await store.find_user_by_address("new@example.com") is None
+
+
+def test_the_cli_prints_store_errors_and_lets_bugs_surface(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def too_long(_: Settings) -> None:
+        raise TooLong("key name", 100)
+
+    async def bug(_: Settings) -> None:
+        raise ValueError("a bug")
+
+    assert cli._run(too_long, settings) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == "relate-smtp: key name: longer than 100 characters\n"
+    with pytest.raises(ValueError, match="a bug"):
+        cli._run(bug, settings)

@@ -3,6 +3,12 @@
 Two backends implement it: :mod:`relate_smtp.storage.sqlite` (embedded default) and
 :mod:`relate_smtp.storage.postgres` (production). Every method is a plain Trio async
 function; blocking drivers and event-loop bridges stay inside the backend.
+
+What the backends share lives beside this module, so that a message or a user is
+stored the same way whichever database holds it: :mod:`.records` (records, column
+limits, the linking rule), :mod:`.values` (clipping and cleaning a message),
+:mod:`.accounts` (validating the command line's users and keys), :mod:`.ids`
+(UUIDv7), :mod:`.groupcommit` (the pending-save queue) and :mod:`.errors`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,15 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from relate_smtp.storage.errors import (
+    AddressTaken,
+    InvalidInput,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+    TooLong,
+    UserNotFound,
+)
 from relate_smtp.storage.records import (
     ApiKey,
     Attachment,
@@ -27,10 +42,12 @@ from relate_smtp.storage.records import (
 )
 
 __all__ = [
+    "AddressTaken",
     "AdminStore",
     "ApiKey",
     "Attachment",
     "HeaderRecipient",
+    "InvalidInput",
     "NewEmail",
     "PoolStats",
     "RecipientRow",
@@ -42,24 +59,11 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredEmail",
+    "TooLong",
     "User",
+    "UserNotFound",
     "link_recipients",
 ]
-
-
-class StoreError(Exception):
-    """Base class of storage failures."""
-
-
-class StoreUnavailable(StoreError):
-    """A transient failure (database down, connection dropped, disk full, lock timeout).
-
-    Callers answer 4xx (451 4.3.0, 454 4.7.0) so the client retries; never 5xx.
-    """
-
-
-class SchemaMissing(StoreError):
-    """The database is reachable but lacks the Relate tables (run ``relate-smtp db init``)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +146,11 @@ class AdminStore(Store, Protocol):
 
     async def create_user(
         self, email: str, *, display_name: str | None, aliases: Collection[str]
-    ) -> User: ...
+    ) -> User:
+        """A user of the command line, its aliases verified (SPEC §9). Raises
+        :class:`TooLong` for a value its column cannot hold and :class:`AddressTaken`
+        when an address already belongs to a user; nothing is written then."""
+        ...
 
     async def create_api_key(
         self,
@@ -152,7 +160,10 @@ class AdminStore(Store, Protocol):
         key_hash: str,
         key_prefix: str | None,
         scopes: str,
-    ) -> ApiKey: ...
+    ) -> ApiKey:
+        """Raises :class:`TooLong` for a value its column cannot hold and
+        :class:`UserNotFound` when no user has ``user_id``."""
+        ...
 
     async def list_api_keys(self, user_id: uuid.UUID) -> Sequence[ApiKey]: ...
 

@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import shlex
 import urllib.parse
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import attrs
+
+from relate_smtp.storage.npgsql_keywords import (
+    IGNORED,
+    SESSION_ATTRS,
+    SSL_MODES,
+    SUPPORTED,
+    SslMode,
+)
 
 __all__ = [
     "DEFAULT_MAX_POOL_SIZE",
@@ -31,8 +39,6 @@ __all__ = [
     "parse_connection_string",
     "redacted",
 ]
-
-SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 # Npgsql's default (SPEC §8): a connection string copied from the original sizes the
 # pool the same. Connections open on demand, so an idle host holds none.
@@ -84,111 +90,6 @@ class PostgresParams:
 
 
 # --- Npgsql key/value form -------------------------------------------------------------
-
-# Canonical field name for every supported Npgsql keyword and synonym. Keys are compared
-# case-insensitively with spaces removed, as Npgsql's builder effectively does for its
-# documented spellings ("User Id", "UserId", "User ID").
-_SUPPORTED: Final[dict[str, str]] = {
-    "host": "host",
-    "server": "host",
-    "port": "port",
-    "database": "database",
-    "db": "database",
-    "username": "user",
-    "user": "user",
-    "userid": "user",
-    "uid": "user",
-    "password": "password",
-    "pwd": "password",
-    "psw": "password",
-    "sslmode": "ssl",
-    "minimumpoolsize": "min_pool_size",
-    "minpoolsize": "min_pool_size",
-    "maximumpoolsize": "max_pool_size",
-    "maxpoolsize": "max_pool_size",
-    "timeout": "connect_timeout",
-    "connecttimeout": "connect_timeout",
-    "commandtimeout": "command_timeout",
-    "applicationname": "application_name",
-    "searchpath": "search_path",
-    "passfile": "passfile",
-    "rootcertificate": "ssl_root_certificate",
-    "sslcertificate": "ssl_certificate",
-    "sslkey": "ssl_key",
-    "sslpassword": "ssl_password",
-    "sslnegotiation": "ssl_direct",
-    "trustservercertificate": "trust_server_certificate",
-    "targetsessionattributes": "target_session_attrs",
-    "loadbalancehosts": "load_balance_hosts",
-    "kerberosservicename": "kerberos_service_name",
-    "krbsrvname": "kerberos_service_name",
-    "timezone": "timezone",
-    "options": "options",
-    "connectionidlelifetime": "idle_lifetime",
-    "pooling": "pooling",
-    "keepalive": "keepalive_idle",
-    "tcpkeepalive": "tcp_keepalive",
-    "tcpkeepalivetime": "keepalive_idle",
-    "tcpkeepaliveinterval": "keepalive_interval",
-}
-
-# Npgsql keywords with no asyncpg counterpart: accepted, named in one start-up warning.
-_IGNORED: Final = frozenset(
-    {
-        "enlist",
-        "clientencoding",  # asyncpg always speaks UTF-8
-        "encoding",
-        "gssencryptionmode",
-        "checkcertificaterevocation",
-        "includerealm",
-        "persistsecurityinfo",
-        "logparameters",
-        "includeerrordetail",
-        "includefailedbatchedcommand",
-        "channelbinding",
-        "requireauth",
-        "connectionpruninginterval",
-        "connectionlifetime",
-        "loadbalancetimeout",
-        "cancellationtimeout",
-        "hostrecheckseconds",
-        "readbuffersize",
-        "writebuffersize",
-        "socketreceivebuffersize",
-        "socketsendbuffersize",
-        "maxautoprepare",
-        "autoprepareminusages",
-        "noresetonclose",
-        "replicationmode",
-        "arraynullabilitymode",
-        "multiplexing",
-        "writecoalescingbufferthresholdbytes",
-        "loadtablecomposites",
-        "servercompatibilitymode",
-        "internalcommandtimeout",
-    }
-)
-
-# Npgsql's Target Session Attributes → asyncpg's; asyncpg has no prefer-primary, and
-# "any" is what it falls back to.
-_SESSION_ATTRS: Final[dict[str, str]] = {
-    "any": "any",
-    "primary": "primary",
-    "standby": "standby",
-    "preferprimary": "any",
-    "preferstandby": "prefer-standby",
-    "readwrite": "read-write",
-    "readonly": "read-only",
-}
-
-_SSL_MODES: Final[dict[str, SslMode]] = {
-    "disable": "disable",
-    "allow": "allow",
-    "prefer": "prefer",
-    "require": "require",
-    "verifyca": "verify-ca",
-    "verifyfull": "verify-full",
-}
 
 
 def _normalise_key(key: str) -> str:
@@ -289,7 +190,7 @@ def _parse_timeout(key: str, value: str) -> float | None:
 
 
 def _parse_ssl(key: str, value: str) -> SslMode:
-    mode = _SSL_MODES.get(value.strip().replace("-", "").replace("_", "").lower())
+    mode = SSL_MODES.get(value.strip().replace("-", "").replace("_", "").lower())
     if mode is None:
         raise ValueError(
             f"connection string: {key} must be one of Disable, Allow, Prefer, Require, "
@@ -312,7 +213,7 @@ def _parse_seconds(key: str, value: str) -> int | None:
 
 
 def _parse_session_attrs(key: str, value: str) -> str:
-    attrs_ = _SESSION_ATTRS.get(value.strip().replace("-", "").replace("_", "").lower())
+    attrs_ = SESSION_ATTRS.get(value.strip().replace("-", "").replace("_", "").lower())
     if attrs_ is None:
         raise ValueError(
             f"connection string: {key} must be one of any, primary, standby, "
@@ -404,9 +305,9 @@ def _parse_key_value(text: str) -> dict[str, object]:
     ignored: dict[str, str] = {}
     for key, value in _split_pairs(text):
         norm = _normalise_key(key)
-        field = _SUPPORTED.get(norm)
+        field = SUPPORTED.get(norm)
         if field is None:
-            if norm in _IGNORED:
+            if norm in IGNORED:
                 ignored[norm] = key.strip()
                 continue
             raise ValueError(f"connection string: unknown key {key!r}")

@@ -12,7 +12,9 @@ from datetime import datetime
 
 import attrs
 
-# Column lengths of the platform's schema (SPEC §8); values are truncated, never rejected.
+# Column lengths of the platform's schema (SPEC §8). A message's values are truncated,
+# never rejected (SPEC §5, storage.values); an administrative value too long is refused
+# (storage.accounts).
 EMAIL_ADDRESS_MAX = 320
 MESSAGE_ID_MAX = 500
 DISPLAY_NAME_MAX = 500
@@ -23,6 +25,8 @@ RECIPIENT_TYPE_MAX = 10
 FILE_NAME_MAX = 500
 CONTENT_TYPE_MAX = 200
 KEY_NAME_MAX = 100
+KEY_HASH_MAX = 128
+KEY_PREFIX_MAX = 12
 SCOPES_MAX = 500
 
 RECIPIENT_TO = "To"
@@ -95,6 +99,27 @@ class NewEmail:
     header_recipients: tuple[HeaderRecipient, ...]
     envelope_recipients: tuple[str, ...]
     attachments: tuple[Attachment, ...] = ()
+
+
+def emails_row(email: NewEmail) -> tuple[object, ...]:
+    """The message's ``Emails`` columns in the order both stores insert them: ``Id``,
+    ``MessageId``, ``FromAddress``, ``FromDisplayName``, ``Subject``, ``TextBody``,
+    ``HtmlBody``, ``ReceivedAt``, ``SizeBytes``, ``InReplyTo``, ``References``,
+    ``SentByUserId`` (``ThreadId``, resolved by the store, comes after)."""
+    return (
+        email.id,
+        email.message_id,
+        email.from_address,
+        email.from_display_name,
+        email.subject,
+        email.text_body,
+        email.html_body,
+        email.received_at,
+        email.size_bytes,
+        email.in_reply_to,
+        email.references,
+        email.sent_by_user_id,
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -226,7 +226,7 @@ async def _run_sql(store: PostgresStore, sql: str) -> Any:
     async def op(con: asyncpg.Connection) -> Any:
         return await con.fetchval(sql)
 
-    return await store._run(store._with_connection, op)
+    return await store._bridge.call(op)
 
 
 @pg

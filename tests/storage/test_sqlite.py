@@ -20,8 +20,7 @@ import trio
 import trio.testing
 
 from relate_smtp.storage import NewEmail, SavedEmail, StoreError, StoreUnavailable
-from relate_smtp.storage import sqlite as sqlite_store
-from relate_smtp.storage.sqlite import SqliteStore
+from relate_smtp.storage.sqlite import SqliteStore, saving
 from tests.storage.helpers import attachment, new_email, to
 
 Outcome = SavedEmail | Exception
@@ -67,7 +66,7 @@ class BatchGate:
     def __init__(self) -> None:
         self._send, self.entered = trio.open_memory_channel[list[uuid.UUID]](64)
         self._permits = threading.Semaphore(0)
-        self._save_batch = sqlite_store._save_batch
+        self._save_batch = saving.save_batch
 
     def allow(self) -> None:
         self._permits.release()
@@ -82,7 +81,7 @@ class BatchGate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> BatchGate:
     gate = BatchGate()
-    monkeypatch.setattr(sqlite_store, "_save_batch", gate)
+    monkeypatch.setattr(saving, "save_batch", gate)
     return gate
 
 
@@ -265,7 +264,7 @@ async def test_when_sqlite_abandons_the_batch_each_message_is_retried_alone(
 ) -> None:
     doomed = new_email(subject="too big for the disk")
     others = [new_email() for _ in range(3)]
-    insert = sqlite_store._insert_email
+    insert = saving.insert_email
 
     def insert_or_fill_the_disk(conn: sqlite3.Connection, email: NewEmail) -> SavedEmail:
         if email.id == doomed.id:
@@ -276,7 +275,7 @@ async def test_when_sqlite_abandons_the_batch_each_message_is_retried_alone(
             raise error
         return insert(conn, email)
 
-    monkeypatch.setattr(sqlite_store, "_insert_email", insert_or_fill_the_disk)
+    monkeypatch.setattr(saving, "insert_email", insert_or_fill_the_disk)
     outcomes: dict[uuid.UUID, Outcome] = {}
     save = saver(store, outcomes)
 
@@ -401,7 +400,7 @@ async def test_a_locked_batch_fails_every_message_as_unavailable(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = BatchGate()
-    monkeypatch.setattr(sqlite_store, "_save_batch", gate)
+    monkeypatch.setattr(saving, "save_batch", gate)
     store = await SqliteStore.open(db_path, busy_timeout_ms=20)
     emails = [new_email() for _ in range(4)]
     outcomes: dict[uuid.UUID, Outcome] = {}

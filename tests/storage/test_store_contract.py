@@ -13,14 +13,24 @@ import trio
 
 from relate_smtp.handlers.message import build_email
 from relate_smtp.storage import (
+    AddressTaken,
     AdminStore,
     RecipientRow,
     SavedEmail,
     StoredEmail,
     StoreError,
+    TooLong,
     User,
+    UserNotFound,
 )
-from relate_smtp.storage.records import RECIPIENT_BCC, RECIPIENT_CC, RECIPIENT_TO
+from relate_smtp.storage.records import (
+    FILE_NAME_MAX,
+    MESSAGE_ID_MAX,
+    RECIPIENT_BCC,
+    RECIPIENT_CC,
+    RECIPIENT_TO,
+    SUBJECT_MAX,
+)
 from tests.storage.conftest import TABLES, RawAccess
 from tests.storage.helpers import attachment, bcc, cc, new_email, to
 
@@ -428,7 +438,15 @@ async def test_linked_user_ids_follow_row_order(store: AdminStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "in_reply_to", ["parent@example.com", "<parent@example.com>", " <parent@example.com> "]
+    "in_reply_to",
+    [
+        "parent@example.com",
+        "<parent@example.com>",
+        " <parent@example.com> ",
+        # half-bracketed: each bracket is dropped on its own, in every store
+        "<parent@example.com",
+        "parent@example.com>",
+    ],
 )
 async def test_reply_threads_under_the_parents_id(store: AdminStore, in_reply_to: str) -> None:
     parent = await store.save_email(new_email(message_id="parent@example.com"))
@@ -468,6 +486,34 @@ async def test_no_stored_parent_means_no_thread(store: AdminStore, in_reply_to: 
     reply = await store.save_email(new_email(in_reply_to=in_reply_to))
 
     assert reply.thread_id is None
+
+
+# --- values too long or unclean ---------------------------------------------------
+
+
+async def test_message_values_are_clipped_and_cleaned_rather_than_failing(
+    store: AdminStore,
+) -> None:
+    """SPEC §5: respect the column lengths by truncating, never failing; text is stored
+    without NUL and with lone surrogates as U+FFFD."""
+    saved = await store.save_email(
+        new_email(
+            subject="s" * (SUBJECT_MAX + 50),
+            message_id="m" * (MESSAGE_ID_MAX + 1),
+            text_body="nul\x00here \ud800 lone",
+            header_recipients=(to("x@remote.example", "N\x00ame"),),
+            attachments=(attachment("f" * (FILE_NAME_MAX + 1), b"x"),),
+            received_at=datetime(2024, 1, 1, 12, 0),  # naive: taken as UTC
+        )
+    )
+
+    got = await stored(store, saved)
+    assert got.subject == "s" * SUBJECT_MAX
+    assert got.message_id == "m" * MESSAGE_ID_MAX
+    assert got.text_body == "nulhere \ufffd lone"
+    assert got.recipients[0].display_name == "Name"
+    assert got.attachments[0].file_name == "f" * FILE_NAME_MAX
+    assert got.received_at == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 
 
 # --- attachments -------------------------------------------------------------------
@@ -600,10 +646,85 @@ async def test_create_user_refuses_an_address_already_taken(
 ) -> None:
     await make_user(store, "alice@example.com", "sales@example.com")
 
-    with pytest.raises(ValueError, match="already belongs"):
+    with pytest.raises(AddressTaken, match="already belongs to a user") as raised:
         await store.create_user(email, display_name=None, aliases=aliases)
 
+    assert raised.value.address.lower() in ("alice@example.com", "sales@example.com")
+
     assert await store.find_user_by_address("new@example.com") is None
+
+
+@pytest.mark.parametrize(
+    ("field", "limit", "email", "display_name", "aliases"),
+    [
+        ("email", 320, "a" * 309 + "@example.com", None, ()),
+        ("display name", 500, "new@example.com", "n" * 501, ()),
+        ("alias", 320, "new@example.com", None, ("ok@example.com", "b" * 309 + "@example.com")),
+    ],
+)
+async def test_create_user_refuses_a_value_too_long_naming_field_and_limit(
+    store: AdminStore,
+    raw: RawAccess,
+    field: str,
+    limit: int,
+    email: str,
+    display_name: str | None,
+    aliases: tuple[str, ...],
+) -> None:
+    """An administrative value is refused, never clipped: a clipped address is not the
+    one the operator typed."""
+    with pytest.raises(TooLong, match=f"^{field}: longer than {limit} characters$") as raised:
+        await store.create_user(email, display_name=display_name, aliases=aliases)
+
+    assert (raised.value.field, raised.value.limit) == (field, limit)
+    assert await raw.count_rows("Users") == 0
+    assert await raw.count_rows("UserEmailAddresses") == 0
+
+
+async def test_create_user_accepts_values_of_exactly_the_column_length(store: AdminStore) -> None:
+    email = "a" * 308 + "@example.com"
+    user = await store.create_user(email, display_name="n" * 500, aliases=())
+
+    assert await store.find_user_by_address(email) == user
+
+
+@pytest.mark.parametrize(
+    ("field", "limit", "changes"),
+    [
+        ("key name", 100, {"name": "k" * 101}),
+        ("key hash", 128, {"key_hash": "h" * 129}),
+        ("key prefix", 12, {"key_prefix": "rk_" + "p" * 10}),
+        ("scopes", 500, {"scopes": '["' + "s" * 500 + '"]'}),
+    ],
+)
+async def test_create_api_key_refuses_a_value_too_long_naming_field_and_limit(
+    store: AdminStore, raw: RawAccess, field: str, limit: int, changes: dict[str, str]
+) -> None:
+    alice = await make_user(store, "alice@example.com")
+    values = {
+        "name": "laptop",
+        "key_hash": "$2b$12$x",
+        "key_prefix": "rk_aaaaaaaaa",
+        "scopes": "[]",
+    }
+
+    with pytest.raises(TooLong, match=f"^{field}: longer than {limit} characters$"):
+        await store.create_api_key(alice.id, **(values | changes))
+
+    assert await raw.count_rows("SmtpApiKeys") == 0
+
+
+async def test_create_user_with_a_taken_alias_writes_nothing(
+    store: AdminStore, raw: RawAccess
+) -> None:
+    await make_user(store, "alice@example.com", "sales@example.com")
+
+    with pytest.raises(AddressTaken) as raised:
+        await store.create_user("new@example.com", display_name=None, aliases=["SALES@example.com"])
+
+    assert raised.value.address == "SALES@example.com"
+    assert await raw.count_rows("Users") == 1
+    assert await raw.count_rows("UserEmailAddresses") == 1
 
 
 async def test_api_key_lifecycle(store: AdminStore) -> None:
@@ -633,7 +754,7 @@ async def test_api_key_lifecycle(store: AdminStore) -> None:
 
 
 async def test_create_api_key_for_an_unknown_user_fails(store: AdminStore) -> None:
-    with pytest.raises(ValueError, match="no user"):
+    with pytest.raises(UserNotFound, match="no user"):
         await store.create_api_key(
             uuid.uuid4(), name="x", key_hash="h", key_prefix="rk_000000000", scopes="[]"
         )
