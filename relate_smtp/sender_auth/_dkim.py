@@ -1,0 +1,177 @@
+"""DKIM (RFC 6376) verification of every signature, through dkimpy.
+
+dkimpy parses signatures, canonicalizes, hashes and verifies rsa-sha256 and, with
+PyNaCl, ed25519-sha256 (RFC 8463). Its verification is split the way its own
+``dkim.asyncsupport`` splits it: ``verify_headerprep`` (parse), a key lookup, then
+``evaluate_pk`` and ``verify_sig_process`` (crypto). The parsing and crypto run in a
+worker thread; the key lookups run on Trio, concurrently, through the cached resolver,
+which lets DNS trouble (``temperror``) be told apart from a missing key (``permerror``),
+a distinction dkimpy's blocking ``verify()`` loses.
+
+RFC 8301 is applied on top: rsa-sha1 signatures (§3.1) and RSA keys under 1024 bits
+(§3.2) never pass; they get ``policy`` (RFC 8601 §2.7.1: signed, but not acceptable).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import dkim
+import trio
+
+from ._domains import normalise
+from ._resolver import DnsTemporaryError, Resolver, txt_strings
+from ._results import DkimOutcome, Result
+
+#: RFC 8301 §3.2: verifiers must not accept RSA keys shorter than this.
+MIN_RSA_BITS = 1024
+#: RFC 8301 §3.1: rsa-sha1 must not be considered valid.
+_SHA1 = b"rsa-sha1"
+#: Signature algorithm → key type it needs (RFC 6376 §3.3, RFC 8463 §3).
+_KEY_TYPES = {b"rsa-sha256": b"rsa", b"rsa-sha1": b"rsa", b"ed25519-sha256": b"ed25519"}
+#: Signatures verified per message; more are reported as ``policy`` unchecked, so a
+#: message cannot make the server do unbounded DNS and crypto work.
+MAX_SIGNATURES = 10
+
+_quiet = logging.getLogger("relate_smtp.sender_auth.dkim")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+
+@attrs.define
+class _Signature:
+    """One DKIM-Signature field between the parse and the crypto."""
+
+    index: int
+    outcome: DkimOutcome | None = None
+    prep: Any = None
+    key_name: str = ""
+    key: bytes | None = None
+
+
+@attrs.frozen
+class ParsedMessage:
+    """A message parsed once: the From field values and the signatures to verify."""
+
+    verifier: Any
+    from_values: tuple[str, ...]
+    signatures: tuple[_Signature, ...]
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def parse_message(message: bytes) -> ParsedMessage:
+    """Parse headers and signature fields (worker thread: the message may be large)."""
+    try:
+        verifier = dkim.DKIM(message, logger=_quiet, minkey=MIN_RSA_BITS)
+    except dkim.DKIMException:
+        return ParsedMessage(None, (), ())
+    from_values = tuple(
+        value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
+        for name, value in verifier.headers
+        if name.lower() == b"from"
+    )
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    signatures = []
+    for index in range(count):
+        signature = _Signature(index)
+        signatures.append(signature)
+        if index >= MAX_SIGNATURES:
+            signature.outcome = DkimOutcome(result=Result.POLICY, reason="too many signatures")
+            continue
+        try:
+            prep = verifier.verify_headerprep(index)
+        except dkim.DKIMException as exc:
+            signature.outcome = DkimOutcome(result=Result.PERMERROR, reason=str(exc))
+            continue
+        fields = prep[0]
+        domain = normalise(_text(fields[b"d"]))
+        algorithm = fields[b"a"]
+        signature.outcome = DkimOutcome(
+            result=Result.NONE,
+            domain=domain or _text(fields[b"d"]),
+            selector=_text(fields[b"s"]),
+            algorithm=_text(algorithm),
+        )
+        if domain is None:
+            signature.outcome = attrs.evolve(
+                signature.outcome, result=Result.PERMERROR, reason="bad d= domain"
+            )
+        elif algorithm == _SHA1:
+            signature.outcome = attrs.evolve(
+                signature.outcome, result=Result.POLICY, reason="rsa-sha1 (RFC 8301)"
+            )
+        else:
+            signature.prep = prep
+            signature.key_name = f"{signature.outcome.selector}._domainkey.{domain}"
+    return ParsedMessage(verifier, from_values, tuple(signatures))
+
+
+async def fetch_key(resolver: Resolver, signature: _Signature) -> None:
+    """RFC 6376 §3.6.2.2: one TXT record at ``<selector>._domainkey.<d>``."""
+    assert signature.outcome is not None
+    try:
+        answer = await resolver.lookup(signature.key_name, "TXT")
+    except DnsTemporaryError as exc:
+        signature.outcome = attrs.evolve(
+            signature.outcome, result=Result.TEMPERROR, reason=str(exc)
+        )
+        return
+    keys = txt_strings(answer)
+    if len(keys) != 1:
+        reason = "no key record" if not keys else "several key records"
+        signature.outcome = attrs.evolve(signature.outcome, result=Result.PERMERROR, reason=reason)
+        return
+    signature.key = keys[0]
+
+
+def verify_signatures(parsed: ParsedMessage) -> tuple[DkimOutcome, ...]:
+    """The crypto for every signature whose key was found (worker thread)."""
+    verifier = parsed.verifier
+    outcomes = []
+    for signature in parsed.signatures:
+        assert signature.outcome is not None
+        if signature.key is not None:
+            signature.outcome = _verify_one(verifier, signature, signature.outcome)
+        outcomes.append(signature.outcome)
+    return tuple(outcomes)
+
+
+def _verify_one(verifier: Any, signature: _Signature, outcome: DkimOutcome) -> DkimOutcome:
+    fields, include_headers, headers = signature.prep
+    try:
+        pk, keysize, ktag, seqtlsrpt = dkim.evaluate_pk(signature.key_name, signature.key)
+    except (dkim.DKIMException, ValueError) as exc:
+        return attrs.evolve(outcome, result=Result.PERMERROR, reason=f"key: {exc}")
+    if ktag != _KEY_TYPES.get(fields[b"a"]):
+        return attrs.evolve(outcome, result=Result.PERMERROR, reason="key type mismatch")
+    if ktag == b"rsa" and keysize < MIN_RSA_BITS:
+        return attrs.evolve(outcome, result=Result.POLICY, reason=f"{keysize}-bit key (RFC 8301)")
+    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = (
+        pk,
+        keysize,
+        ktag,
+        seqtlsrpt,
+    )
+    try:
+        valid = verifier.verify_sig_process(fields, include_headers, headers[signature.index], None)
+    except dkim.DKIMException as exc:
+        return attrs.evolve(outcome, result=Result.FAIL, reason=str(exc))
+    if not valid:
+        return attrs.evolve(outcome, result=Result.FAIL, reason="signature did not verify")
+    return attrs.evolve(outcome, result=Result.PASS, reason="")
+
+
+async def check_dkim(
+    resolver: Resolver, limiter: trio.CapacityLimiter, parsed: ParsedMessage
+) -> tuple[DkimOutcome, ...]:
+    """Verify every signature of an already parsed message."""
+    async with trio.open_nursery() as nursery:
+        for signature in parsed.signatures:
+            if signature.key_name:
+                nursery.start_soon(fetch_key, resolver, signature)
+    return await trio.to_thread.run_sync(verify_signatures, parsed, limiter=limiter)
