@@ -17,23 +17,12 @@ from typing import NoReturn
 
 import trio
 
-from relate_smtp.config import ConfigError, Settings, load_settings, split_overrides
+from relate_smtp.config import ConfigError, LogLevel, Settings, load_settings, split_overrides
 
 log = logging.getLogger("relate_smtp")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-_LOG_LEVELS = {
-    "trace": logging.DEBUG,
-    "debug": logging.DEBUG,
-    "information": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "none": logging.CRITICAL + 10,
-}
-
 
 # C0 (tab, newline and ESC among them), DEL and C1 move the cursor or start escape
 # sequences; U+2028/U+2029 break lines in some terminals; the bidi embeddings,
@@ -83,17 +72,30 @@ class _Parser(argparse.ArgumentParser):
         super().error(printable(message))
 
 
+def _global_options() -> _Parser:
+    """Options every command takes, before or after its name: ``relate-smtp users add X
+    --config F`` as well as ``relate-smtp --config F users add X``. Suppressed defaults,
+    so a position that does not give one leaves the other's value alone. Overrides
+    (``--Smtp:Port=2587``) and ``--environment`` are taken out of argv before parsing
+    (``split_overrides``), so they work anywhere already."""
+    options = _Parser(add_help=False)
+    options.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="appsettings.json to read"
+    )
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
+    common = _global_options()
     parser = _Parser(
         prog="relate-smtp",
         description="SMTP host of the Relate mail platform.",
         epilog="Configuration overrides use ASP.NET syntax: --Smtp:Port=2587",
+        parents=[common],
     )
-    parser.add_argument("--config", metavar="FILE", help="appsettings.json to read")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the SMTP server")
-    serve.add_argument("--config", metavar="FILE", dest="sub_config", help=argparse.SUPPRESS)
+    serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve.add_argument(
         "--workers",
         type=int,
@@ -107,43 +109,47 @@ def _parser() -> argparse.ArgumentParser:
         help="use an ephemeral self-signed certificate (development only)",
     )
 
-    db = commands.add_parser("db", help="database schema")
+    db = commands.add_parser("db", parents=[common], help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("init", help="create the Relate tables when absent")
+    db_commands.add_parser("init", parents=[common], help="create the Relate tables when absent")
 
-    users = commands.add_parser("users", help="manage users")
+    users = commands.add_parser("users", parents=[common], help="manage users")
     users_commands = users.add_subparsers(dest="users_command", required=True)
-    add = users_commands.add_parser("add", help="create a user")
+    add = users_commands.add_parser("add", parents=[common], help="create a user")
     add.add_argument("email")
     add.add_argument("--name", help="display name")
     add.add_argument(
         "--alias", action="append", default=[], metavar="ADDRESS", help="verified extra address"
     )
 
-    keys = commands.add_parser("keys", help="manage SMTP API keys")
+    keys = commands.add_parser("keys", parents=[common], help="manage SMTP API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_commands.add_parser("create", help="create a key; prints the raw key once")
+    create = keys_commands.add_parser(
+        "create", parents=[common], help="create a key; prints the raw key once"
+    )
     create.add_argument("email")
     create.add_argument("--name", default="smtp", help="key name")
     create.add_argument(
         "--scope", action="append", default=None, metavar="SCOPE", help="scope (default: smtp)"
     )
-    listing = keys_commands.add_parser("list", help="list a user's keys")
+    listing = keys_commands.add_parser("list", parents=[common], help="list a user's keys")
     listing.add_argument("email")
-    revoke = keys_commands.add_parser("revoke", help="revoke a key")
+    revoke = keys_commands.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("key_id")
 
-    mail = commands.add_parser("mail", help="read stored mail")
+    mail = commands.add_parser("mail", parents=[common], help="read stored mail")
     mail_commands = mail.add_subparsers(dest="mail_command", required=True)
-    mail_list = mail_commands.add_parser("list", help="most recent messages")
+    mail_list = mail_commands.add_parser("list", parents=[common], help="most recent messages")
     mail_list.add_argument("--limit", type=int, default=20)
-    show = mail_commands.add_parser("show", help="one message with recipients and attachments")
+    show = mail_commands.add_parser(
+        "show", parents=[common], help="one message with recipients and attachments"
+    )
     show.add_argument("id")
     return parser
 
 
-def configure_logging(level_name: str) -> None:
-    level = _LOG_LEVELS.get(level_name.lower(), logging.INFO)
+def configure_logging(log_level: LogLevel) -> None:
+    level = log_level.logging_level
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides, own = split_overrides(args_list)
         args = _parser().parse_args(own)
-        config_file = getattr(args, "sub_config", None) or args.config
+        config_file = getattr(args, "config", None)
         settings = load_settings(config_file=config_file, overrides=overrides)
         configure_logging(settings.log_level)
         return _dispatch(args, settings, args_list)
@@ -218,7 +224,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, argv: Sequence[str])
 
 
 def _run(command: Callable[[Settings], Awaitable[None]], settings: Settings) -> int:
-    from relate_smtp.runtime.run import find_exception
+    from relate_smtp.app import find_exception
 
     try:
         trio.run(command, settings)
@@ -235,8 +241,9 @@ def admin_errors() -> tuple[type[Exception], ...]:
     from relate_smtp.admin import AdminError
     from relate_smtp.storage import StoreError
 
-    # The stores raise ValueError for a taken address or an unknown user.
-    return (AdminError, StoreError, ValueError)
+    # What a command reports on purpose (a taken address is AddressTaken, a value too
+    # long TooLong, ...); anything else is a bug and keeps its traceback.
+    return (AdminError, StoreError)
 
 
 def _uuid(text: str) -> uuid.UUID:

@@ -5,8 +5,9 @@ SASL username and password and the client IP, and turns the :class:`AuthOutcome`
 reply (SUCCESS → 235 2.7.0, FAILED → 535 5.7.8, BLOCKED and TEMPORARY → 454 4.7.0).
 Raw passwords are never logged or kept; usernames may be logged.
 
-``LastUsedAt`` is written by :class:`LastUsedUpdater`, a background task fed through a
-bounded channel, so a slow database never delays an AUTH reply.
+``LastUsedAt`` is written by :class:`~relate_smtp.handlers.lastused.LastUsedUpdater`, a
+background task fed through a bounded channel, so a slow database never delays an AUTH
+reply. The runtime counts attempts and failures from the returned :class:`AuthResult`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import trio
 
 from relate_smtp.config import SecuritySettings, SmtpSettings
 from relate_smtp.handlers.apikeys import has_smtp_scope, key_prefix, verify_api_key
+from relate_smtp.handlers.lastused import LastUsedUpdater
 from relate_smtp.handlers.ratelimit import RateLimiter
 from relate_smtp.storage import ApiKey, Store, StoreError
 
@@ -35,10 +37,8 @@ __all__ = [
     "KEYS_VERIFIED_PER_ATTEMPT",
     "AuthOutcome",
     "AuthResult",
-    "AuthStats",
     "Authenticator",
     "CachedResult",
-    "LastUsedUpdater",
     "ResultCache",
 ]
 
@@ -93,18 +93,6 @@ class AuthResult:
     user_id: uuid.UUID | None = None
     address: str | None = None
     retry_after: float | None = None
-
-
-@attrs.define
-class AuthStats:
-    """Counters for the metrics endpoint; plain ints, read by whoever exports them."""
-
-    successes: int = 0
-    failures: int = 0
-    blocked: int = 0
-    temporary: int = 0
-    cache_hits: int = 0
-    bcrypt_verifications: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -196,128 +184,12 @@ class ResultCache:
             del self._entries[key]
 
 
-_MAX_RECENT_KEYS = 100_000
-
-
 @attrs.define
 class _InFlight:
     """One verification under way, shared by identical concurrent attempts."""
 
     done: trio.Event = attrs.Factory(trio.Event)
     result: CachedResult | None = None
-
-
-class LastUsedUpdater:
-    """Writes ``SmtpApiKeys.LastUsedAt`` in the background, in batches.
-
-    The runtime starts :meth:`run` in its nursery. :meth:`enqueue` never waits: when the
-    queue is full the update is dropped and counted in ``dropped`` (a lost LastUsedAt is
-    harmless, a delayed AUTH reply is not). Each store call takes everything queued at
-    that moment, up to ``batch_size``, with one entry per key holding its latest time;
-    so the slower the database, the bigger the batches. On shutdown, :meth:`close` ends
-    the producer side and :meth:`run` returns after flushing what is still queued.
-    Store errors are logged and the batch dropped; they never reach a session.
-
-    A key used again within ``min_interval`` seconds of its last queued update is not
-    queued again: a client that logs in for every message would otherwise cost one
-    database write per message, for a timestamp nobody reads to the second.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        capacity: int = 1024,
-        batch_size: int = 500,
-        min_interval: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if capacity < 1 or batch_size < 1:
-            raise ValueError("capacity and batch_size must be at least 1")
-        self._store = store
-        self._batch_size = batch_size
-        self._min_interval = min_interval
-        self._clock = clock
-        self._recent: dict[uuid.UUID, float] = {}
-        self._running = False
-        self._finished = trio.Event()
-        self.skipped = 0
-        self._send, self._receive = trio.open_memory_channel[tuple[uuid.UUID, datetime]](capacity)
-        self.dropped = 0
-        self.written = 0
-        self.failed_batches = 0
-
-    def enqueue(self, key_id: uuid.UUID, used_at: datetime) -> bool:
-        """Queue an update without waiting; False when it was dropped (full or closed)."""
-        now = self._clock()
-        last = self._recent.get(key_id)
-        if last is not None and now - last < self._min_interval:
-            self.skipped += 1
-            return True
-        if len(self._recent) >= _MAX_RECENT_KEYS:
-            self._forget_before(now - self._min_interval)
-        try:
-            self._send.send_nowait((key_id, used_at))
-        except trio.WouldBlock:
-            self.dropped += 1
-            logger.debug("LastUsedAt queue full; dropped update for key %s", key_id)
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self.dropped += 1
-            logger.debug("LastUsedAt updater closed; dropped update for key %s", key_id)
-            return False
-        self._recent[key_id] = now
-        return True
-
-    def _forget_before(self, cutoff: float) -> None:
-        self._recent = {key: at for key, at in self._recent.items() if at >= cutoff}
-        if len(self._recent) >= _MAX_RECENT_KEYS:
-            self._recent.clear()
-
-    def close(self) -> None:
-        """No more updates; :meth:`run` flushes the queue and returns."""
-        self._send.close()
-
-    async def aclose(self) -> None:
-        """Close, then wait until :meth:`run` has written what was queued (if it runs).
-
-        Bound the wait with a cancel scope: the store may be slow or down."""
-        self.close()
-        if self._running:
-            await self._finished.wait()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drain the queue into the store until :meth:`close` has been called (start it
-        with ``nursery.start`` so that :meth:`aclose` knows to wait for it)."""
-        self._running = True
-        task_status.started()
-        try:
-            await self._drain()
-        finally:
-            self._finished.set()
-
-    async def _drain(self) -> None:
-        async with self._receive:
-            async for key_id, used_at in self._receive:
-                batch = {key_id: used_at}
-                while len(batch) < self._batch_size:
-                    try:
-                        key_id, used_at = self._receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    previous = batch.get(key_id)
-                    if previous is None or used_at > previous:
-                        batch[key_id] = used_at
-                await self._flush(batch)
-
-    async def _flush(self, batch: dict[uuid.UUID, datetime]) -> None:
-        try:
-            await self._store.touch_api_keys(batch)
-        except StoreError as exc:
-            self.failed_batches += 1
-            logger.warning("Could not update LastUsedAt for %d API keys: %s", len(batch), exc)
-        else:
-            self.written += len(batch)
 
 
 def _keys_to_try(
@@ -422,7 +294,6 @@ class Authenticator:
         self._verify = verify
         self._dummy_hash = dummy_hash
         self._inflight: dict[bytes, _InFlight] = {}
-        self.stats = AuthStats()
 
     async def authenticate(
         self, username: str, password: str, client_ip: str, *, authorization_id: str = ""
@@ -434,7 +305,6 @@ class Authenticator:
         """
         retry_after = self.rate_limiter.retry_after(client_ip)
         if retry_after is not None:
-            self.stats.blocked += 1
             # Debug, not info: a client hammering a blocked server must not flood the log.
             logger.debug(
                 "AUTH from %s refused for %.1f s (rate limit), user %r",
@@ -444,7 +314,6 @@ class Authenticator:
             )
             return AuthResult(outcome=AuthOutcome.BLOCKED, retry_after=retry_after)
         if not _may_act_as(username, authorization_id):
-            self.stats.failures += 1
             logger.info(
                 "AUTH for %r from %s refused: may not act as %r",
                 username,
@@ -456,7 +325,6 @@ class Authenticator:
         cache_key = self.cache.key_for(username, password)
         cached = self.cache.get(cache_key)
         if cached is not None:
-            self.stats.cache_hits += 1
             return self._conclude(username, client_ip, cached, cache_key=None)
 
         # Single flight: a client opening many connections at once with the same
@@ -468,7 +336,6 @@ class Authenticator:
                 return AuthResult(outcome=AuthOutcome.TEMPORARY)
             return self._conclude(username, client_ip, inflight.result, cache_key=None)
         if not self.rate_limiter.reserve(client_ip):
-            self.stats.blocked += 1
             return AuthResult(outcome=AuthOutcome.BLOCKED)
         inflight = _InFlight()
         self._inflight[cache_key] = inflight
@@ -496,7 +363,6 @@ class Authenticator:
             if user is not None:
                 candidates = await self._store.candidate_api_keys(user.id, key_prefix(password))
         except StoreError as exc:
-            self.stats.temporary += 1
             logger.warning("AUTH for %r from %s: store unavailable: %s", username, client_ip, exc)
             return None
 
@@ -537,7 +403,6 @@ class Authenticator:
             await self._run_verify(password, self._dummy_hash)
 
     async def _run_verify(self, password: str, key_hash: str) -> bool:
-        self.stats.bcrypt_verifications += 1
         return await trio.to_thread.run_sync(
             self._verify, password, key_hash, limiter=self._limiter
         )
@@ -549,11 +414,9 @@ class Authenticator:
         if cache_key is not None:
             self.cache.put(cache_key, result)
         if result.outcome is not AuthOutcome.SUCCESS or result.key_id is None:
-            self.stats.failures += 1
             self.rate_limiter.record_failure(client_ip, username)
             logger.info("AUTH failed for %r from %s", username, client_ip)
             return AuthResult(outcome=AuthOutcome.FAILED)
-        self.stats.successes += 1
         self.rate_limiter.record_success(client_ip, username)
         if self._last_used is not None:
             self._last_used.enqueue(result.key_id, self._wall_clock())

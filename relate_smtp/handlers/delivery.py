@@ -1,8 +1,15 @@
 """End of data: parse, store in one transaction, answer, then notify (SPEC §5, §6).
 
-Content problems never cause a temporary failure; only a failure to commit does (then
-nothing partial is stored and the sender is asked to retry, 451 4.3.0), or a parse that
-passes its CPU or memory limit. A structure past the MIME limits is refused (554 5.6.0).
+Content problems never cause a temporary failure; only a transient failure to commit
+does (:class:`StoreUnavailable`: nothing partial is stored and the sender is asked to
+retry, 451 4.3.0), or a parse that passes its CPU or memory limit. A structure past the
+MIME limits is refused (554 5.6.0).
+
+Any other exception is a bug, not weather: it is not caught here but propagates to the
+runtime, which logs its traceback, counts it (``smtp_internal_errors_total`` and the
+``smtp`` health check) and answers 451 so that no mail is lost while it is seen.
+
+The handler returns a :class:`DeliveryOutcome`; the runtime records the metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
+
+import attrs
 
 from relate_smtp.handlers.budget import BudgetWaitTooLong, MemoryBudget
 from relate_smtp.handlers.message import AttachmentTooLarge, MimeLimitExceeded, looks_large
@@ -31,7 +40,6 @@ from relate_smtp.protocol import (
     message_accepted,
     mime_limit_exceeded,
 )
-from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.storage import NewEmail, SavedEmail, Store, StoreUnavailable
 
 log = logging.getLogger("relate_smtp.delivery")
@@ -43,6 +51,17 @@ class NewMailListener(Protocol):
     def message_stored(self, email: NewEmail, saved: SavedEmail) -> None: ...
 
 
+@attrs.frozen(kw_only=True)
+class DeliveryOutcome:
+    """What became of one message: the final reply and what the runtime counts."""
+
+    reply: Reply
+    refused: str | None = None
+    """Why the message was refused or deferred (a ``smtp_rejections`` reason), if it was."""
+    store_seconds: float | None = None
+    """How long the commit took, when the message was stored."""
+
+
 class MessageDelivery:
     """Turns a received message into stored rows and a reply."""
 
@@ -52,14 +71,12 @@ class MessageDelivery:
         *,
         parser: MessageParser,
         discard: bool,
-        metrics: Metrics,
         budget: MemoryBudget | None = None,
         listener: NewMailListener | None = None,
     ) -> None:
         self._store = store
         self._parser = parser
         self._discard = discard
-        self._metrics = metrics
         self._budget = budget
         self._listener = listener
 
@@ -70,7 +87,7 @@ class MessageDelivery:
         envelope_recipients: Sequence[str],
         sent_by_user_id: uuid.UUID | None,
         wait_limit: float = math.inf,
-    ) -> Reply:
+    ) -> DeliveryOutcome:
         """Store the message and return the final reply for the client.
 
         A large message first holds its share of the memory budget (twice its size: the
@@ -78,7 +95,7 @@ class MessageDelivery:
         at most ``wait_limit`` seconds for room.
         """
         if self._discard:
-            return message_accepted(uuid.uuid4().hex)
+            return DeliveryOutcome(reply=message_accepted(uuid.uuid4().hex))
         size = message_size(message)
         if self._budget is None or not looks_large(size):
             return await self._parse_and_store(message, envelope_recipients, sent_by_user_id)
@@ -87,44 +104,34 @@ class MessageDelivery:
                 return await self._parse_and_store(message, envelope_recipients, sent_by_user_id)
         except BudgetWaitTooLong as exc:
             log.warning("message deferred: %s", exc)
-            self._metrics.reject("memory_budget")
-            return INSUFFICIENT_RESOURCES
+            return DeliveryOutcome(reply=INSUFFICIENT_RESOURCES, refused="memory_budget")
 
     async def _parse_and_store(
         self,
         message: bytes | SpooledMessage,
         envelope_recipients: Sequence[str],
         sent_by_user_id: uuid.UUID | None,
-    ) -> Reply:
+    ) -> DeliveryOutcome:
         try:
             email = await self._parser.parse(
                 message, envelope_recipients=envelope_recipients, sent_by_user_id=sent_by_user_id
             )
         except AttachmentTooLarge as exc:
             log.info("message refused: %s", exc)
-            self._metrics.reject("attachment_too_big")
-            return ATTACHMENT_TOO_BIG
+            return DeliveryOutcome(reply=ATTACHMENT_TOO_BIG, refused="attachment_too_big")
         except MimeLimitExceeded as exc:
             log.info("message refused: %s", exc.what)
-            self._metrics.reject("mime_limit")
-            return mime_limit_exceeded(exc.what)
+            return DeliveryOutcome(reply=mime_limit_exceeded(exc.what), refused="mime_limit")
         except ParseTooCostly as exc:
             log.warning("message deferred: %s", exc)
-            self._metrics.reject("parse_limit")
-            return MESSAGE_TOO_COMPLEX_NOW
+            return DeliveryOutcome(reply=MESSAGE_TOO_COMPLEX_NOW, refused="parse_limit")
         started = time.perf_counter()
         try:
             saved = await self._store.save_email(email)
         except StoreUnavailable as exc:
             log.warning("message not stored, asked the sender to retry: %s", exc)
-            self._metrics.reject("store_unavailable")
-            return LOCAL_ERROR
-        except Exception:
-            log.exception("message not stored, asked the sender to retry")
-            self._metrics.reject("store_error")
-            return LOCAL_ERROR
+            return DeliveryOutcome(reply=LOCAL_ERROR, refused="store_unavailable")
         elapsed = time.perf_counter() - started
-        self._metrics.safely(lambda: self._metrics.store_latency.observe(elapsed))
         if self._listener is not None:
             self._listener.message_stored(email, saved)
-        return message_accepted(str(saved.id))
+        return DeliveryOutcome(reply=message_accepted(str(saved.id)), store_seconds=elapsed)

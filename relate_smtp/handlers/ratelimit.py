@@ -1,6 +1,6 @@
 """Per-client limits on failed AUTH attempts (SPEC §3, ``Security:RateLimit:*``).
 
-A client is its :func:`~relate_smtp.runtime.addresses.client_group`: an IPv4 address,
+A client is its :func:`~relate_smtp.addresses.client_group`: an IPv4 address,
 or an IPv6 prefix (a /64 by default, ``Smtp:ClientIpv6PrefixLength``), since one IPv6
 host can take any address of its prefix and would otherwise get a fresh allowance per
 address. Below, "IP" means that group.
@@ -47,8 +47,8 @@ from collections.abc import Callable
 
 import attrs
 
+from relate_smtp.addresses import client_group
 from relate_smtp.config import RateLimitSettings, SmtpSettings
-from relate_smtp.runtime.addresses import client_group
 
 __all__ = ["DEFAULT_MAX_TRACKED_IPS", "MAX_LOGINS_PER_IP", "RateLimiter"]
 

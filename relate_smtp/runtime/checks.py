@@ -1,4 +1,5 @@
-"""The health checks behind ``GET /healthz`` (SPEC §7), one factory per check.
+"""The health checks behind ``GET /healthz`` (SPEC §7), one factory per check; those
+that talk to the network (``smtp``, ``dns-mx``) are in :mod:`.network_checks`.
 
 Names, tags, thresholds and ``data`` keys are the original host's, because dashboards
 and alerts are written against them. Each check returns a :class:`CheckResult`;
@@ -12,7 +13,6 @@ the memory thresholds, which the original wrote in decimal bytes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +22,6 @@ from typing import Final, Literal, Protocol
 import attrs
 import trio
 
-from relate_smtp.runtime.proxy import LOCAL_V2_HEADER
 from relate_smtp.storage import ServerConnectionCounter, ServerConnections, Store, StoreError
 
 __all__ = [
@@ -32,20 +31,17 @@ __all__ = [
     "HealthCheck",
     "HealthReport",
     "HealthStatus",
-    "MxResolver",
     "StatusLike",
     "certificate_check",
     "connection_pool_check",
     "current_rss",
     "database_check",
     "disk_space_check",
-    "dns_mx_check",
+    "error_message",
     "grade_connections",
     "grade_disk",
     "memory_check",
-    "resolve_mx",
     "run_checks",
-    "smtp_check",
     "worst",
 ]
 
@@ -72,14 +68,6 @@ _MEMORY_GRADES: Final[tuple[tuple[HealthStatus, int], ...]] = (
     ("Unhealthy", MEMORY_UNHEALTHY_AT),
     ("Degraded", MEMORY_DEGRADED_AT),
 )
-# The original named the top three exchanges in its description.
-_MX_SHOWN: Final = 3
-# After QUIT the probe waits this long for the 221 so the session ends cleanly; the
-# original did not wait at all, so a missing 221 is no failure.
-_QUIT_GRACE: Final = 1.0
-
-# A greeting or QUIT reply longer than this is not an SMTP server answering.
-_SMTP_REPLY_LIMIT: Final = 4096
 
 
 @attrs.frozen(kw_only=True)
@@ -126,7 +114,7 @@ class HealthCheck:
                 # A crashing check must not take /healthz down with it: report it as
                 # the original's HealthCheckService did (message as description too).
                 log.warning("health check %s failed", self.name, exc_info=True)
-                message = _message(exc)
+                message = error_message(exc)
                 return CheckResult(status="Unhealthy", description=message, exception=message)
         message = f"The check did not complete within {self.timeout:g} s"
         return CheckResult(status="Unhealthy", description=message, exception=message)
@@ -178,7 +166,7 @@ def worst(statuses: Iterable[HealthStatus]) -> HealthStatus:
     return max(statuses, key=_SEVERITY.__getitem__, default="Healthy")
 
 
-def _message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
@@ -197,7 +185,7 @@ def database_check(store: Store, *, timeout: float = PROBE_TIMEOUT) -> HealthChe
                 return CheckResult(
                     status="Unhealthy",
                     description="Database query failed",
-                    exception=_message(exc),
+                    exception=error_message(exc),
                 )
             return CheckResult(status="Healthy")  # the original's DbContext check: no text
         message = f"Database did not answer within {timeout:g} s"
@@ -229,7 +217,7 @@ def connection_pool_check(store: Store, *, timeout: float = PROBE_TIMEOUT) -> He
                 return CheckResult(
                     status="Unhealthy",
                     description="Failed to query connection pool statistics",
-                    exception=_message(exc),
+                    exception=error_message(exc),
                 )
             return grade_connections(counts)
         message = f"Database did not answer within {timeout:g} s"
@@ -348,146 +336,6 @@ def memory_check(*, rss: Callable[[], int] = current_rss) -> HealthCheck:
         return CheckResult(status="Healthy", description=working_set, data=data)
 
     return HealthCheck(name="memory", tags=("system",), probe=probe)
-
-
-# --------------------------------------------------------------------------- protocol
-
-
-class _SmtpProbeFailed(Exception):
-    pass
-
-
-async def _read_reply(stream: trio.abc.ReceiveStream, buf: bytearray) -> tuple[int, bytes]:
-    """Read one (possibly multi-line, RFC 5321 §4.2.1) reply; returns (code, last line)."""
-    while True:
-        end = buf.find(b"\r\n")
-        if end < 0:
-            if len(buf) > _SMTP_REPLY_LIMIT:
-                raise _SmtpProbeFailed("reply line too long")
-            chunk = await stream.receive_some(_SMTP_REPLY_LIMIT)
-            if not chunk:
-                raise _SmtpProbeFailed("server closed the connection")
-            buf += chunk
-            continue
-        line = bytes(buf[:end])
-        del buf[: end + 2]
-        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-            raise _SmtpProbeFailed(f"not an SMTP reply: {line[:80]!r}")
-        if line[3:4] != b"-":
-            return int(line[:3]), line
-
-
-def smtp_check(
-    host: str, port: int, *, proxy_local: bool, timeout: float = PROBE_TIMEOUT
-) -> HealthCheck:
-    """``smtp``: the submission listener greets with 220; the probe then sends QUIT.
-
-    With ``proxy_local`` (the listener expects PROXY headers) the probe first sends a
-    v2 LOCAL header, which tells the listener to keep the socket's own peer address;
-    the probe's address must then be in ``Smtp:ProxyProtocol:TrustedNetworks``.
-    Descriptions are the original's, which name the port.
-    """
-
-    async def probe() -> CheckResult:
-        try:
-            with trio.fail_after(timeout):
-                unexpected = await _greet_and_quit(host, port, proxy_local)
-        except trio.TooSlowError:
-            return _smtp_not_responding(port, f"No SMTP greeting within {timeout:g} s")
-        except (OSError, trio.BrokenResourceError, _SmtpProbeFailed) as exc:
-            return _smtp_not_responding(port, _message(exc))
-        if unexpected is not None:
-            text = f"SMTP server on port {port} returned unexpected greeting: {unexpected}"
-            return CheckResult(status="Unhealthy", description=text)
-        text = f"SMTP server accepting connections on port {port}"
-        return CheckResult(status="Healthy", description=text)
-
-    return HealthCheck(name="smtp", tags=("protocol",), probe=probe, timeout=timeout + 1)
-
-
-def _smtp_not_responding(port: int, reason: str) -> CheckResult:
-    text = f"SMTP server on port {port} is not responding"
-    return CheckResult(status="Unhealthy", description=text, exception=reason)
-
-
-async def _greet_and_quit(host: str, port: int, proxy_local: bool) -> str | None:
-    """None after a 220 greeting (QUIT sent); else the greeting's line, as text."""
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        if proxy_local:
-            await stream.send_all(LOCAL_V2_HEADER)
-        buf = bytearray()
-        code, line = await _read_reply(stream, buf)
-        if code != 220:
-            return line[:200].decode("ascii", "replace")
-        await stream.send_all(b"QUIT\r\n")
-        with trio.move_on_after(_QUIT_GRACE):
-            with contextlib.suppress(OSError, trio.BrokenResourceError, _SmtpProbeFailed):
-                await _read_reply(stream, buf)
-    return None
-
-
-MxResolver = Callable[[str], Awaitable[Sequence[str]]]
-"""Returns the MX exchange names of a domain; empty when it has none."""
-
-
-async def resolve_mx(domain: str, *, lifetime: float = PROBE_TIMEOUT) -> Sequence[str]:
-    """MX exchanges of ``domain``, most preferred first, through the system's resolvers
-    (dnspython, Trio backend).
-
-    NXDOMAIN and an empty answer both mean "no records"; other failures raise.
-    """
-    import dns.asyncbackend
-    import dns.asyncresolver
-    import dns.resolver
-
-    try:
-        answer = await dns.asyncresolver.resolve(
-            domain,
-            "MX",
-            lifetime=lifetime,
-            backend=dns.asyncbackend.get_backend("trio"),
-        )
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return ()
-    ranked = sorted(answer, key=lambda record: int(record.preference))
-    return tuple(str(record.exchange) for record in ranked)
-
-
-def dns_mx_check(
-    domain: str, *, resolve: MxResolver = resolve_mx, timeout: float = PROBE_TIMEOUT
-) -> HealthCheck:
-    """``dns-mx``: the MX lookup of ``domain`` answers; the original's texts and data.
-
-    No records and failures are both Degraded, never Unhealthy: the original marked a
-    DNS outage Unhealthy, which takes an inbound server out of a load balancer's
-    rotation for a problem that does not stop it receiving mail.
-    """
-
-    async def probe() -> CheckResult:
-        exchanges: Sequence[str] | None = None
-        try:
-            with trio.move_on_after(timeout):
-                exchanges = await resolve(domain)
-        except Exception as exc:
-            # dnspython raises many types (timeouts, SERVFAIL, no nameservers); all of
-            # them mean the same thing here.
-            return _mx_failed(_message(exc))
-        if exchanges is None:
-            return _mx_failed(f"MX lookup for {domain} did not answer within {timeout:g} s")
-        data = {"testDomain": domain, "mxRecordCount": len(exchanges)}
-        if not exchanges:
-            text = f"No MX records returned for {domain}"
-            return CheckResult(status="Degraded", description=text, data=data)
-        hosts = ", ".join(name.rstrip(".") for name in exchanges[:_MX_SHOWN])
-        text = f"DNS MX resolution working ({domain} → {hosts})"
-        return CheckResult(status="Healthy", description=text, data=data)
-
-    return HealthCheck(name="dns-mx", tags=("smtp",), probe=probe, timeout=timeout + 1)
-
-
-def _mx_failed(reason: str) -> CheckResult:
-    return CheckResult(status="Degraded", description="DNS MX resolution failed", exception=reason)
 
 
 # --------------------------------------------------------------------------- tls

@@ -17,11 +17,8 @@ never send a byte therefore cost a real probe nothing.
 
 from __future__ import annotations
 
-import errno
-import itertools
 import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Final
@@ -32,17 +29,13 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from relate_smtp.runtime.addresses import plain_address
+from relate_smtp.addresses import plain_address
 from relate_smtp.runtime.checks import HealthCheck, HealthReport, run_checks
+from relate_smtp.runtime.health_connections import ConnectionTable, Slot
+from relate_smtp.runtime.health_sockets import HealthBindError, bind_endpoints, host_and_port
+from relate_smtp.runtime.listeners import BoundListener, StartupError
 
-__all__ = [
-    "ANY_HOST",
-    "LOCALHOST",
-    "HealthBindError",
-    "HealthServer",
-    "bind_endpoints",
-    "render_report",
-]
+__all__ = ["HealthServer", "render_report", "start_health_server"]
 
 log = logging.getLogger("relate_smtp.health")
 
@@ -69,12 +62,6 @@ _RECEIVE_SIZE: Final = 8192
 _CLOSE_LINGER: Final = 1.0
 
 # The hosts of HealthCheck:Url endpoints that are not one address (SPEC §2, as Kestrel).
-ANY_HOST: Final = "::"
-LOCALHOST: Final = "localhost"
-# A free port for 127.0.0.1 may be taken on ::1; so many tries to find one free on both.
-_LOOPBACK_PORT_TRIES: Final = 5
-# What binding ::1 raises on a host without IPv6: serve IPv4 alone, as Kestrel does.
-_NO_IPV6: Final = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
 
 # What ASP.NET's WriteAsJsonAsync sends, and the headers its health middleware adds so
 # that no cache between a probe and the host ever answers for the host.
@@ -89,17 +76,6 @@ _METHODS: Final = (b"GET", b"HEAD")
 _ALLOW: Final = ("Allow", "GET, HEAD")
 
 
-class HealthBindError(OSError):
-    """The health listener could not be bound; ``port`` is the configured port."""
-
-    def __init__(self, host: str, port: int, cause: OSError) -> None:
-        reason = cause.strerror or str(cause)
-        super().__init__(f"cannot listen on port {port}: {reason}")
-        self.errno = cause.errno
-        self.host = host
-        self.port = port
-
-
 class _BodyTooLarge(Exception):
     pass
 
@@ -108,89 +84,6 @@ class _ReadTimeout(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@attrs.define(eq=False)
-class _Slot:
-    """One admitted connection. ``idle_since`` orders those waiting for a request (None
-    while one is answered); cancelling ``scope`` evicts the connection."""
-
-    client: str
-    opened: int
-    idle_since: int | None
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-
-
-@attrs.frozen
-class _Eviction:
-    slot: _Slot
-    reason: str
-
-
-class _ConnectionTable:
-    """Who holds the endpoint's connections, and whom a newcomer displaces.
-
-    No I/O and no clock: the order of events is the only time it knows, so the choice of
-    victim is exact and testable. The server cancels the victim's scope.
-    """
-
-    def __init__(self, *, max_total: int, max_per_client: int) -> None:
-        if max_total < 1 or max_per_client < 1:
-            raise ValueError("connection caps must be at least 1")
-        self._max_total = max_total
-        self._max_per_client = max_per_client
-        self._slots: set[_Slot] = set()
-        self._by_client: dict[str, set[_Slot]] = {}
-        self._order = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def admit(self, client: str) -> tuple[_Slot, _Eviction | None]:
-        """A slot for a new connection from ``client`` (idle until it has a request), and
-        the connection it displaces, already released, if a cap was reached."""
-        eviction: _Eviction | None = None
-        mine = self._by_client.get(client, set())
-        if len(mine) >= self._max_per_client:
-            eviction = _Eviction(_victim(mine), "too many connections from one client")
-        elif len(self._slots) >= self._max_total:
-            eviction = _Eviction(_victim(self._slots), "too many connections")
-        if eviction is not None:
-            self.release(eviction.slot)
-        tick = next(self._order)
-        slot = _Slot(client=client, opened=tick, idle_since=tick)
-        self._slots.add(slot)
-        self._by_client.setdefault(client, set()).add(slot)
-        return slot, eviction
-
-    def idle(self, slot: _Slot) -> None:
-        """``slot`` now waits for a request (or lingers): first in line for eviction."""
-        slot.idle_since = next(self._order)
-
-    def busy(self, slot: _Slot) -> None:
-        """``slot`` has a whole request and is being answered."""
-        slot.idle_since = None
-
-    def release(self, slot: _Slot) -> None:
-        """Forget ``slot``; releasing it twice (evicted, then closed) is harmless."""
-        self._slots.discard(slot)
-        mine = self._by_client.get(slot.client)
-        if mine is not None:
-            mine.discard(slot)
-            if not mine:
-                del self._by_client[slot.client]
-
-
-def _victim(slots: set[_Slot]) -> _Slot:
-    """The first of ``slots`` in eviction order (a cap holds a few dozen: a scan is cheap)."""
-    return min(slots, key=_eviction_order)
-
-
-def _eviction_order(slot: _Slot) -> tuple[bool, int]:
-    """Idle connections first, the longest idle first; then busy ones, the oldest first."""
-    if slot.idle_since is not None:
-        return (False, slot.idle_since)
-    return (True, slot.opened)
 
 
 @attrs.frozen
@@ -250,7 +143,7 @@ class HealthServer:
         self._registry = registry
         self._first_byte_timeout = min(first_byte_timeout, request_timeout)
         self._request_timeout = request_timeout
-        self._table = _ConnectionTable(
+        self._table = ConnectionTable(
             max_total=max_connections, max_per_client=max_connections_per_client
         )
         # /healthz answers every method, as the original's MapHealthChecks; None = any.
@@ -269,7 +162,7 @@ class HealthServer:
         """
         sockets = bind_endpoints(self._endpoints)
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-        bound = [_host_and_port(sock) for sock in sockets]
+        bound = [host_and_port(sock) for sock in sockets]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
             task_status.started(bound)
@@ -301,7 +194,7 @@ class HealthServer:
             self._table.release(slot)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.abc.HalfCloseableStream, slot: _Slot) -> None:
+    async def _serve(self, stream: trio.abc.HalfCloseableStream, slot: Slot) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         while True:
             self._table.idle(slot)
@@ -340,7 +233,7 @@ class HealthServer:
         self,
         conn: h11.Connection,
         stream: trio.abc.HalfCloseableStream,
-        slot: _Slot,
+        slot: Slot,
         response: _Response,
     ) -> None:
         """Answer a bad request with ``response`` and close."""
@@ -483,60 +376,16 @@ async def _send(conn: h11.Connection, stream: trio.abc.SendStream, event: h11.Ev
         await stream.send_all(data)
 
 
-def bind_endpoints(endpoints: Sequence[tuple[str, int]]) -> list[socket.socket]:
-    """Listening sockets for ``HealthCheck:Url``'s endpoints, bound the way Kestrel binds
-    them, so a probe that reached the original over IPv4 or IPv6 reaches this one too.
-
-    Raises :class:`HealthBindError` (with nothing left open) when one cannot be bound.
-    """
-    sockets: list[socket.socket] = []
+async def start_health_server(
+    nursery: trio.Nursery,
+    endpoints: Sequence[tuple[str, int]],
+    probe: Sequence[HealthCheck],
+    registry: CollectorRegistry,
+) -> list[BoundListener]:
+    """/healthz and /metrics on every endpoint of ``HealthCheck:Url``."""
+    server = HealthServer(endpoints, probe, registry)
     try:
-        for host, port in endpoints:
-            sockets.extend(_bind(host, port))
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _bind(host: str, port: int) -> list[socket.socket]:
-    try:
-        if host == ANY_HOST:
-            return [_bind_any(port)]
-        if host == LOCALHOST:
-            return _bind_loopbacks(port)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return [socket.create_server((host, port), family=family)]
-    except OSError as exc:
-        raise HealthBindError(host, port, exc) from exc
-
-
-def _bind_any(port: int) -> socket.socket:
-    """Every interface: one dual-stack socket (Kestrel's IPv6Any with DualMode)."""
-    if socket.has_dualstack_ipv6():
-        return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    return socket.create_server(("0.0.0.0", port))
-
-
-def _bind_loopbacks(port: int) -> list[socket.socket]:
-    """``localhost``: 127.0.0.1 and ::1 on one port; IPv4 alone where there is no IPv6."""
-    for _ in range(_LOOPBACK_PORT_TRIES if port == 0 else 1):
-        first = socket.create_server(("127.0.0.1", port))
-        try:
-            second = socket.create_server(("::1", first.getsockname()[1]), family=socket.AF_INET6)
-        except OSError as exc:
-            if exc.errno in _NO_IPV6:
-                log.warning("HealthCheck:Url: localhost is served on 127.0.0.1 only: %s", exc)
-                return [first]
-            first.close()
-            if port == 0 and exc.errno == errno.EADDRINUSE:
-                continue
-            raise
-        return [first, second]
-    raise OSError(errno.EADDRINUSE, "no port free on both 127.0.0.1 and ::1")
-
-
-def _host_and_port(sock: socket.socket) -> tuple[str, int]:
-    host, port = sock.getsockname()[:2]
-    return str(host), int(port)
+        bound = await nursery.start(server.serve)
+    except HealthBindError as exc:
+        raise StartupError("HealthCheck:Url", str(exc)) from None
+    return [BoundListener(name="health", host=host, port=port, tls="none") for host, port in bound]

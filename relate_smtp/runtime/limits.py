@@ -1,6 +1,6 @@
 """Concurrent-session limits: overall and per client (SPEC §2).
 
-"Per client" is per :func:`~relate_smtp.runtime.addresses.client_group`: an IPv4
+"Per client" is per :func:`~relate_smtp.addresses.client_group`: an IPv4
 address, or an IPv6 client's whole prefix (a /64 by default), since one IPv6 host can
 take any address of its prefix and would otherwise get the limit once per address.
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from relate_smtp.addresses import client_group, in_networks
 from relate_smtp.config import IPNetwork, SmtpSettings
-from relate_smtp.runtime.addresses import client_group, in_networks
 
 DEFAULT_IPV6_PREFIX_LENGTH = SmtpSettings().client_ipv6_prefix_length
 

@@ -1,4 +1,5 @@
-"""Which SMTP endpoints the settings open, and binding their sockets.
+"""Which SMTP endpoints the settings open, binding their sockets, and how the bound
+endpoints are named.
 
 Kept apart from the server so that a supervising parent (``serve --workers N``) can bind
 the same sockets its workers then inherit.
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 
 import attrs
 
 from relate_smtp.config import Settings
 from relate_smtp.listener_kind import ListenerKind
-from relate_smtp.protocol import BareLineEndings, ProtocolConfig
-from relate_smtp.runtime.session import Listener
+from relate_smtp.protocol import ProtocolConfig
 
 log = logging.getLogger("relate_smtp.server")
 
@@ -26,6 +27,30 @@ PORT_KEYS = {
 
 # The kernel caps this at net.core.somaxconn; ask for as much as it allows.
 _BACKLOG = 65535
+
+
+@attrs.frozen(kw_only=True)
+class Listener:
+    """One listening endpoint: its name, kind, TLS mode and the core's settings."""
+
+    kind: ListenerKind
+    protocol: ProtocolConfig
+    implicit_tls: bool = False
+    proxy_protocol: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.kind.value
+
+
+@attrs.frozen(kw_only=True)
+class BoundListener:
+    """An endpoint as the ``Listening:`` lines and ``task_status.started`` report it."""
+
+    name: str
+    host: str
+    port: int
+    tls: str  # "starttls" | "implicit" | "none"
 
 
 class StartupError(Exception):
@@ -46,16 +71,14 @@ def plan_listeners(settings: Settings, *, has_certificate: bool) -> list[tuple[L
         max_recipients=smtp.max_recipients,
         max_errors=smtp.max_errors,
         max_recipient_errors=smtp.max_recipient_errors,
-        bare_line_endings=BareLineEndings(smtp.bare_line_endings),
+        bare_line_endings=smtp.bare_line_endings,
         auth_required=smtp.require_authentication,
         allow_insecure_auth=smtp.allow_insecure_auth,
     )
     proxied = set(smtp.proxy_protocol.listeners)
 
     def listener(kind: ListenerKind, protocol: ProtocolConfig, **kwargs: bool) -> Listener:
-        return Listener(
-            kind=kind, protocol=protocol, proxy_protocol=kind.value in proxied, **kwargs
-        )
+        return Listener(kind=kind, protocol=protocol, proxy_protocol=kind in proxied, **kwargs)
 
     result = [
         (
@@ -112,3 +135,44 @@ def bind_socket(kind: ListenerKind, port: int) -> socket.socket:
         raise StartupError(
             PORT_KEYS[kind], f"cannot listen on port {port}: {exc.strerror or exc}"
         ) from None
+
+
+def bind_planned(
+    plan: Sequence[tuple[Listener, int]],
+) -> dict[ListenerKind, list[socket.socket]]:
+    """One listening socket per planned endpoint; on failure none stays open."""
+    bound: dict[ListenerKind, list[socket.socket]] = {}
+    try:
+        for listener, port in plan:
+            bound[listener.kind] = [bind_socket(listener.kind, port)]
+    except StartupError:
+        close_all(bound)
+        raise
+    return bound
+
+
+def close_all(sockets: dict[ListenerKind, list[socket.socket]]) -> None:
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+
+
+def describe(listener: Listener, sockets: Sequence[socket.socket]) -> list[BoundListener]:
+    """How a listener's sockets are announced in the ``Listening:`` lines."""
+    if listener.implicit_tls:
+        mode = "implicit"
+    elif listener.protocol.tls_available:
+        mode = "starttls"
+    else:
+        mode = "none"
+    result = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        result.append(BoundListener(name=listener.name, host=host, port=port, tls=mode))
+    return result
+
+
+def endpoint(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (``[::]:2525``) so the port is unambiguous
+    (RFC 3986 §3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

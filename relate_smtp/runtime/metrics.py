@@ -1,17 +1,26 @@
 """Prometheus metrics of one server (SPEC §7), kept in a prometheus_client registry.
 
-Updates go through :meth:`Metrics.safely` so that a failing metric can never break an
-SMTP session (the original wrapped its counters in try/catch for the same reason).
+The one place that turns what happened into metrics: handlers return outcomes
+(:class:`AuthResult`, :class:`DeliveryOutcome`) and the runtime hands them to the
+``record_*`` methods here. Updates go through :meth:`Metrics.safely` so that a failing
+metric can never break an SMTP session (the original wrapped its counters in try/catch
+for the same reason).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from relate_smtp.handlers.auth import AuthOutcome, AuthResult
+from relate_smtp.handlers.delivery import DeliveryOutcome
+
 log = logging.getLogger("relate_smtp.metrics")
+
+INTERNAL_ERRORS: Final = "smtp_internal_errors_total"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -62,6 +71,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.internal_errors = Counter(
+            "smtp_internal_errors",
+            "Bugs caught at a session's edge (traceback logged; answered 451 or 421), by where",
+            ["where"],
+            registry=r,
+        )
 
         self.buffer_budget = Gauge(
             "smtp_buffer_budget_bytes",
@@ -96,3 +111,39 @@ class Metrics:
 
     def reject(self, reason: str) -> None:
         self.safely(lambda: self.rejections.labels(reason=reason).inc())
+
+    def record_auth(self, result: AuthResult) -> None:
+        self.safely(self.auth_attempts.inc)
+        if result.outcome is not AuthOutcome.SUCCESS:
+            self.safely(self.auth_failures.inc)
+
+    def record_delivery(self, outcome: DeliveryOutcome, *, size: int, elapsed: float) -> None:
+        """One end of data: its final reply after ``elapsed`` seconds, ``size`` octets."""
+        self.safely(lambda: self.processing_duration.observe(elapsed))
+        if outcome.refused is not None:
+            self.reject(outcome.refused)
+        stored = outcome.store_seconds
+        if stored is not None:
+            self.safely(lambda: self.store_latency.observe(stored))
+        if outcome.reply.code < 400:
+            self.safely(self.messages_received.inc)
+            self.safely(lambda: self.bytes_received.inc(size))
+
+    def record_tls(self, listener: str, *, ok: bool) -> None:
+        counter = self.tls_sessions if ok else self.tls_failures
+        self.safely(lambda: counter.labels(listener=listener).inc())
+
+    def internal_error(self, where: str) -> None:
+        """A bug was caught (its traceback is in the log); the ``smtp`` check shows it."""
+        self.safely(lambda: self.internal_errors.labels(where=where).inc())
+
+
+def internal_error_count(registry: CollectorRegistry) -> int:
+    """``smtp_internal_errors_total`` summed over its labels (and, under ``--workers``,
+    over the workers, through the parent's multiprocess registry)."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == INTERNAL_ERRORS:
+                total += sample.value
+    return int(total)

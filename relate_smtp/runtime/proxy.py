@@ -21,8 +21,8 @@ from typing import Final, Literal
 import attrs
 import trio
 
+from relate_smtp.addresses import in_networks, unmapped
 from relate_smtp.config import IPNetwork
-from relate_smtp.runtime.addresses import in_networks, unmapped
 
 __all__ = [
     "LOCAL_V2_HEADER",

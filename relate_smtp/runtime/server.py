@@ -10,138 +10,94 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import socket
-import ssl
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 
-import attrs
 import trio
-from prometheus_client import CollectorRegistry
 
-from relate_smtp.config import Settings, is_host_name
-from relate_smtp.handlers.auth import Authenticator, LastUsedUpdater
+from relate_smtp.addresses import plain_address
+from relate_smtp.config import Settings
+from relate_smtp.handlers.auth import Authenticator
 from relate_smtp.handlers.budget import MemoryBudget
-from relate_smtp.handlers.delivery import MessageDelivery, NewMailListener
+from relate_smtp.handlers.lastused import LastUsedUpdater
 from relate_smtp.handlers.notify import Notifier
-from relate_smtp.handlers.parsing import MessageParser
-from relate_smtp.handlers.policy import MailboxFilter
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import TOO_MANY_CONNECTIONS
-from relate_smtp.runtime import checks
-from relate_smtp.runtime.addresses import plain_address
-from relate_smtp.runtime.health import HealthBindError, HealthServer
+from relate_smtp.runtime.checks import HealthCheck
+from relate_smtp.runtime.health import start_health_server
+from relate_smtp.runtime.lifecycle import lifecycle, log_bound, log_start
 from relate_smtp.runtime.limits import ConnectionLimiter
-from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listeners
+from relate_smtp.runtime.listeners import (
+    BoundListener,
+    Listener,
+    bind_socket,
+    describe,
+    plan_listeners,
+)
 from relate_smtp.runtime.metrics import Metrics
 from relate_smtp.runtime.proxy import ProxyProtocolError, is_trusted, read_proxy_header
-from relate_smtp.runtime.session import Listener, Services, Session, Timeouts
+from relate_smtp.runtime.services import Services
+from relate_smtp.runtime.session import Session
 from relate_smtp.runtime.spool import Spool
 from relate_smtp.runtime.streams import PrefixedStream
-from relate_smtp.runtime.tls import certificate_status
-from relate_smtp.storage import Store
 
 log = logging.getLogger("relate_smtp.server")
-# Start-up and shutdown lines that scripts parse: kept visible at any log level.
-lifecycle = logging.getLogger("relate_smtp.lifecycle")
+
+HealthChecks = Callable[[int], Sequence[HealthCheck]]
+"""The /healthz checks, given the submission port the ``smtp`` check connects to."""
 
 # Background queues get at least this long to drain, even when messages in flight used
 # up the shutdown budget.
 _MIN_DRAIN = 1.0
 
 
-@attrs.frozen(kw_only=True)
-class BoundListener:
-    name: str
-    host: str
-    port: int
-    tls: str  # "starttls" | "implicit" | "none"
-
-
 class Server:
-    """An SMTP server for one set of settings; ``serve`` runs it until ``shutdown``."""
+    """An SMTP server: its listeners, its sessions and their shutdown order.
+
+    What the sessions use is built by the composition root (:mod:`relate_smtp.app`),
+    which passes it in; the constructor only stores it.
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        store: Store,
-        tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
-        certificate_health: Callable[[], checks.StatusLike] | None = None,
-        metrics: Metrics | None = None,
-        new_mail_listener: NewMailListener | None = None,
+        services: Services,
+        notifier: Notifier,
+        last_used: LastUsedUpdater,
+        budget: MemoryBudget,
+        limiter: ConnectionLimiter,
+        health_checks: HealthChecks,
     ) -> None:
         self.settings = settings
-        self.store = store
-        self.metrics = metrics or Metrics()
-        self._tls_context = tls_context
-        self._certificate_health = certificate_health or (
-            lambda: certificate_status(None, datetime.now(UTC))
-        )
-        self.notifier = Notifier(
-            settings.api.base_url,
-            settings.internal_api_key,
-            timeout=settings.api.timeout_seconds,
-        )
+        self.services = services
+        self.notifier = notifier
+        self.last_used = last_used
+        self.budget = budget
+        self._limiter = limiter
+        self._health_checks = health_checks
         self._shutdown = trio.Event()
         self._sessions: set[Session] = set()
         self._preambles: set[trio.CancelScope] = set()
-        smtp = settings.smtp
-        self._limiter = ConnectionLimiter(
-            max_total=smtp.max_connections,
-            max_per_ip=smtp.max_connections_per_ip,
-            exempt=smtp.connection_limit_exempt_networks,
-            ipv6_prefix_length=smtp.client_ipv6_prefix_length,
-        )
-        self.budget = MemoryBudget(smtp.max_buffered_bytes, on_change=self.metrics.buffer_changed)
-        self.metrics.safely(lambda: self.metrics.buffer_budget.set(smtp.max_buffered_bytes))
-        self.spool = Spool(settings.storage.spool_path, threshold=smtp.spool_threshold_bytes)
-        self.last_used = LastUsedUpdater(store)
-        self.authenticator = Authenticator(
-            store,
-            settings.security,
-            last_used=self.last_used,
-            ipv6_prefix_length=smtp.client_ipv6_prefix_length,
-        )
-        self.services = Services(
-            store=store,
-            authenticator=self.authenticator,
-            mailbox_filter=MailboxFilter(
-                store=store,
-                mx_enabled=smtp.mx.enabled,
-                hosted_domains=frozenset(smtp.mx.hosted_domains),
-                validate_recipients=smtp.mx.validate_recipients,
-                restrict_sender_to_login=smtp.restrict_sender_to_login,
-            ),
-            delivery=MessageDelivery(
-                store,
-                budget=self.budget,
-                parser=MessageParser(
-                    max_attachment_size=smtp.max_attachment_size_bytes,
-                    mime_limits=smtp.mime.limits,
-                    parse_limits=smtp.mime.parse,
-                ),
-                discard=settings.storage.discard_messages,
-                metrics=self.metrics,
-                listener=new_mail_listener or self.notifier,
-            ),
-            metrics=self.metrics,
-            timeouts=Timeouts(
-                command=smtp.command_timeout_seconds,
-                data=smtp.data_timeout_seconds,
-                min_data_rate=smtp.min_data_rate_bytes_per_second,
-                tls_handshake=smtp.tls_handshake_timeout_seconds,
-            ),
-            tls_context=tls_context,
-            spool=self.spool,
-        )
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.services.metrics
+
+    @property
+    def spool(self) -> Spool:
+        return self.services.spool
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.services.authenticator
 
     # ---- listeners ------------------------------------------------------------------
 
     def listeners(self) -> list[tuple[Listener, int]]:
         """The endpoints these settings open, with their configured ports."""
-        return plan_listeners(self.settings, has_certificate=self._tls_context() is not None)
+        has_certificate = self.services.tls_context() is not None
+        return plan_listeners(self.settings, has_certificate=has_certificate)
 
     # ---- running --------------------------------------------------------------------
 
@@ -191,15 +147,12 @@ class Server:
                             )
                         )
                     if health:
-                        probe = health_checks(
-                            self.settings,
-                            self.store,
-                            submission_port=bound[0].port,
-                            certificate_health=self._certificate_health,
-                        )
                         bound.extend(
                             await start_health_server(
-                                background, self.settings, probe, self.metrics.registry
+                                background,
+                                self.settings.health_check.endpoints,
+                                self._health_checks(bound[0].port),
+                                self.metrics.registry,
                             )
                         )
                         log_bound(bound)
@@ -293,115 +246,3 @@ class Server:
             return None
         client = header.client or peer
         return client, PrefixedStream(stream, rest) if rest else stream
-
-
-def describe(listener: Listener, sockets: Sequence[socket.socket]) -> list[BoundListener]:
-    """How a listener's sockets are announced in the ``Listening:`` lines."""
-    if listener.implicit_tls:
-        mode = "implicit"
-    elif listener.protocol.tls_available:
-        mode = "starttls"
-    else:
-        mode = "none"
-    result = []
-    for sock in sockets:
-        host, port = sock.getsockname()[:2]
-        result.append(BoundListener(name=listener.name, host=host, port=port, tls=mode))
-    return result
-
-
-def log_bound(bound: Sequence[BoundListener]) -> None:
-    for item in bound:
-        where = endpoint(item.host, item.port)
-        lifecycle.info("Listening: %s on %s (%s)", item.name, where, item.tls)
-
-
-def endpoint(host: str, port: int) -> str:
-    """``host:port``, an IPv6 host in brackets (``[::]:2525``) so the port is unambiguous
-    (RFC 3986 §3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def store_directory(settings: Settings) -> str:
-    """The directory whose disk the disk-space check watches."""
-    if settings.default_connection:
-        return "."
-    return os.path.dirname(os.path.abspath(settings.storage.sqlite_path))
-
-
-def health_checks(
-    settings: Settings,
-    store: Store,
-    *,
-    submission_port: int,
-    certificate_health: Callable[[], checks.StatusLike],
-) -> list[checks.HealthCheck]:
-    """SPEC §7's checks, in the original's registration order, which is its JSON's."""
-    health = settings.health_check
-    probe = [
-        checks.database_check(store),
-        checks.disk_space_check(store_directory(settings)),
-        checks.memory_check(),
-        checks.connection_pool_check(store),
-        checks.smtp_check(
-            "127.0.0.1",
-            submission_port,
-            proxy_local=ListenerKind.SUBMISSION.value in settings.smtp.proxy_protocol.listeners,
-        ),
-    ]
-    if health.dns_mx_domain:
-        probe.append(checks.dns_mx_check(health.dns_mx_domain))
-    probe.append(checks.certificate_check(certificate_health))
-    return probe
-
-
-async def start_health_server(
-    nursery: trio.Nursery,
-    settings: Settings,
-    probe: Sequence[checks.HealthCheck],
-    registry: CollectorRegistry,
-) -> list[BoundListener]:
-    """/healthz and /metrics on every endpoint of ``HealthCheck:Url``."""
-    server = HealthServer(settings.health_check.endpoints, probe, registry)
-    try:
-        bound = await nursery.start(server.serve)
-    except HealthBindError as exc:
-        raise StartupError("HealthCheck:Url", str(exc)) from None
-    return [BoundListener(name="health", host=host, port=port, tls="none") for host, port in bound]
-
-
-def log_start(settings: Settings, *, workers: int = 1) -> None:
-    """The original host's start-up lines, and the open-sink warning."""
-    smtp = settings.smtp
-    processes = f" with {workers} workers" if workers > 1 else ""
-    if smtp.secure_port > 0:
-        lifecycle.info(
-            "Starting SMTP server on port %d (plain) and %d (TLS)%s",
-            smtp.port,
-            smtp.secure_port,
-            processes,
-        )
-    else:
-        lifecycle.info("Starting SMTP server on port %d (plain)%s", smtp.port, processes)
-    if smtp.mx.enabled:
-        lifecycle.info(
-            "MX endpoint enabled on port %d for domains: %s",
-            smtp.mx.port,
-            ", ".join(smtp.mx.hosted_domains),
-        )
-    if not is_host_name(smtp.server_name):
-        log.warning(
-            "Smtp:ServerName %r is not a domain name; clients see it in the greeting "
-            "and EHLO reply, where RFC 5321 expects one",
-            smtp.server_name,
-        )
-    if smtp.require_authentication and not smtp.allow_insecure_auth and not smtp.certificate_path:
-        log.warning(
-            "Smtp:AllowInsecureAuth is false and no certificate is configured: AUTH is "
-            "never offered, so the submission listener cannot accept mail"
-        )
-    if not smtp.require_authentication and not smtp.mx.enabled:
-        log.warning(
-            "Smtp:RequireAuthentication is false: the submission listener accepts "
-            "mail from anyone (open sink)"
-        )

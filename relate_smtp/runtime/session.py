@@ -10,16 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import ssl
-from collections.abc import Callable
 from typing import assert_never
 
-import attrs
 import trio
 
-from relate_smtp.handlers.auth import Authenticator, AuthOutcome
-from relate_smtp.handlers.delivery import MessageDelivery
-from relate_smtp.handlers.policy import Envelope, MailboxFilter, Principal
+from relate_smtp.handlers.auth import AuthOutcome
+from relate_smtp.handlers.delivery import DeliveryOutcome
+from relate_smtp.handlers.policy import Envelope, Principal
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import (
     AUTH_FAILED,
@@ -40,7 +37,6 @@ from relate_smtp.protocol import (
     MessageEnd,
     MessageStart,
     Pending,
-    ProtocolConfig,
     Quit,
     RcptTo,
     Reply,
@@ -48,58 +44,18 @@ from relate_smtp.protocol import (
     ServerConnection,
     StartTLS,
 )
-from relate_smtp.runtime import tls
-from relate_smtp.runtime.metrics import Metrics
-from relate_smtp.runtime.spool import DEFAULT_SPOOL_THRESHOLD, MessageBuffer, Spool
-from relate_smtp.storage import Store, StoreError
+from relate_smtp.runtime import streams, tls
+from relate_smtp.runtime.listeners import Listener
+from relate_smtp.runtime.services import Services
+from relate_smtp.runtime.spool import MessageBuffer
+from relate_smtp.storage import StoreError
 
 log = logging.getLogger("relate_smtp.session")
 
 RECEIVE_SIZE = 64 * 1024
-# How long and how much input a closing session drops after its final reply (_linger).
-_LINGER_SECONDS = 1.0
-_LINGER_BYTES = 64 * 1024
 # Moving a Trio deadline costs more than the rest of a small command: keep one that is
 # within a second of the exact value (RFC 5321's timeouts are minutes).
 _DEADLINE_SLACK = 1.0
-
-
-@attrs.frozen(kw_only=True)
-class Timeouts:
-    """SPEC §2's session clocks, in seconds (RFC 5321 §4.5.3.2 defaults)."""
-
-    command: float = 300.0
-    data: float = 180.0
-    min_data_rate: int = 500
-    tls_handshake: float = 30.0
-
-
-@attrs.frozen(kw_only=True)
-class Listener:
-    """One listening endpoint: its name, kind, TLS mode and the core's settings."""
-
-    kind: ListenerKind
-    protocol: ProtocolConfig
-    implicit_tls: bool = False
-    proxy_protocol: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.kind.value
-
-
-@attrs.frozen(kw_only=True)
-class Services:
-    """Everything a session asks for a decision; shared by all sessions of a server."""
-
-    store: Store
-    authenticator: Authenticator
-    mailbox_filter: MailboxFilter
-    delivery: MessageDelivery
-    metrics: Metrics
-    timeouts: Timeouts
-    tls_context: Callable[[], ssl.SSLContext | None]
-    spool: Spool = attrs.field(factory=lambda: Spool(None, threshold=DEFAULT_SPOOL_THRESHOLD))
 
 
 class Session:
@@ -202,14 +158,15 @@ class Session:
         except Exception:
             self._outcome = "internal error"
             log.exception("session from %s failed", self._client_ip)
+            metrics.internal_error("session")
             linger = await self._try_abort(INTERNAL_ERROR)
         finally:
             self._discard_message()
             try:
                 if linger:
-                    await _linger(self._stream)
+                    await streams.linger(self._stream)
             finally:
-                await _close_now(self._stream)
+                await streams.close_now(self._stream)
             metrics.safely(metrics.active_connections.dec)
             self._log_summary()
 
@@ -386,39 +343,39 @@ class Session:
                 await ssl_stream.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._outcome = "tls handshake failed"
-                metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
-                log.info("TLS handshake with %s failed: %s", self._client_ip, _describe(exc))
+                metrics.record_tls(name, ok=False)
+                log.info(
+                    "TLS handshake with %s failed: %s", self._client_ip, streams.describe_error(exc)
+                )
                 return False
         self._waiting = None
         if scope.cancelled_caught:
             self._outcome = "tls handshake timeout"
-            metrics.safely(lambda: metrics.tls_failures.labels(listener=name).inc())
+            metrics.record_tls(name, ok=False)
             log.info("TLS handshake with %s timed out", self._client_ip)
             return False
         self._stream = ssl_stream
         self._plain_fd = -1
         self._tls = True
-        metrics.safely(lambda: metrics.tls_sessions.labels(listener=name).inc())
+        metrics.record_tls(name, ok=True)
         return True
 
     # ---- decisions ----------------------------------------------------------------
 
     async def _authenticate(self, conn: ServerConnection, event: AuthRequest) -> None:
         self._pause_clock()
-        metrics = self._services.metrics
-        metrics.safely(metrics.auth_attempts.inc)
         result = await self._services.authenticator.authenticate(
             event.username,
             event.password,
             self._client_ip,
             authorization_id=event.authorization_id,
         )
+        self._services.metrics.record_auth(result)
         if result.outcome is AuthOutcome.SUCCESS and result.user_id and result.address:
             self._principal = Principal(user_id=result.user_id, address=result.address)
             self._user_addresses = None
             conn.accept()
             return
-        metrics.safely(metrics.auth_failures.inc)
         if result.outcome is AuthOutcome.FAILED:
             conn.reject(AUTH_FAILED)
         else:
@@ -473,34 +430,43 @@ class Session:
 
     async def _message_end(self, conn: ServerConnection, size: int) -> None:
         self._pause_clock()
-        services = self._services
-        metrics = services.metrics
         buffer, self._buffer = self._buffer, None
         started = trio.current_time()
         try:
             if buffer is None or buffer.failed:
-                reply = INSUFFICIENT_RESOURCES
+                outcome = DeliveryOutcome(reply=INSUFFICIENT_RESOURCES)
             else:
-                reply = await services.delivery.deliver(
-                    buffer.finish(),
-                    envelope_recipients=tuple(self._recipients),
-                    sent_by_user_id=self._principal.user_id if self._principal else None,
-                    wait_limit=self._timeouts.data,
-                )
+                outcome = await self._deliver(buffer)
         finally:
             if buffer is not None:
                 buffer.discard()
         elapsed = trio.current_time() - started
-        metrics.safely(lambda: metrics.processing_duration.observe(elapsed))
+        self._services.metrics.record_delivery(outcome, size=size, elapsed=elapsed)
         self._recipients = []
+        reply = outcome.reply
         if reply.code < 400:
             self._messages += 1
             self._bytes += size
-            metrics.safely(metrics.messages_received.inc)
-            metrics.safely(lambda: metrics.bytes_received.inc(size))
             conn.accept(reply)
         else:
             conn.reject(reply)
+
+    async def _deliver(self, buffer: MessageBuffer) -> DeliveryOutcome:
+        """The handlers' outcome; a bug among them is answered 451 (the sender keeps
+        the message) but never silently: its traceback is logged and it is counted in
+        ``smtp_internal_errors_total``, which the ``smtp`` health check reports."""
+        services = self._services
+        try:
+            return await services.delivery.deliver(
+                buffer.finish(),
+                envelope_recipients=tuple(self._recipients),
+                sent_by_user_id=self._principal.user_id if self._principal else None,
+                wait_limit=self._timeouts.data,
+            )
+        except Exception:
+            log.exception("message from %s not stored: internal error", self._client_ip)
+            services.metrics.internal_error("delivery")
+            return DeliveryOutcome(reply=LOCAL_ERROR)
 
     def _reset_transaction(self) -> None:
         self._recipients = []
@@ -525,44 +491,3 @@ class Session:
             self._bytes,
             self._outcome,
         )
-
-
-async def _linger(stream: trio.abc.Stream) -> None:
-    """Shut our write side, then read and drop input briefly before the close.
-
-    A peer still sending (pipelined commands past a 421 for too many errors, or into a
-    shutdown or a timeout) would otherwise meet a close with unread input, which the
-    kernel answers with a reset that can discard the final reply before the peer reads
-    it. The FIN after the reply lets it read the reply and stop; the drain is bounded in
-    time and bytes, so a peer that never stops costs at most that (a lingering close,
-    as web servers do). Under TLS the TCP stream is shut directly: the reply is already
-    out, and SMTP's own framing makes a missing close_notify harmless.
-    """
-    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if not isinstance(transport, trio.abc.HalfCloseableStream):
-        return
-    with trio.move_on_after(_LINGER_SECONDS):
-        try:
-            await transport.send_eof()
-            drained = 0
-            while drained < _LINGER_BYTES:
-                data = await transport.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return
-                drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-
-
-async def _close_now(stream: trio.abc.Stream) -> None:
-    """Close at once, even inside a cancelled scope; a plain socket needs no await."""
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()
-    else:
-        await trio.aclose_forcefully(stream)
-
-
-def _describe(exc: BaseException) -> str:
-    """The innermost cause of a transport error, as one short phrase."""
-    cause = exc.__cause__ or exc.__context__
-    return str(cause or exc) or type(exc).__name__

@@ -19,6 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from relate_smtp.config import SmtpSettings
 from relate_smtp.handlers.parsing import SpooledMessage
 
 log = logging.getLogger("relate_smtp.spool")
@@ -26,7 +27,7 @@ log = logging.getLogger("relate_smtp.spool")
 __all__ = ["DEFAULT_SPOOL_THRESHOLD", "PREFIX", "MessageBuffer", "Spool"]
 
 #: ``Smtp:SpoolThresholdBytes``: most mail is far smaller and never touches the disk.
-DEFAULT_SPOOL_THRESHOLD = 1024 * 1024
+DEFAULT_SPOOL_THRESHOLD = SmtpSettings().spool_threshold_bytes
 
 #: Spool files are named ``<PREFIX><pid>-<random>``: the pid tells whose file it is.
 PREFIX = "relate-smtp-spool-"

@@ -1,8 +1,14 @@
-"""Stream helpers for the session: replaying bytes that were read ahead."""
+"""Stream helpers for the session: replaying bytes that were read ahead, and closing
+without losing the final reply."""
 
 from __future__ import annotations
 
 import trio
+
+# How long and how much input a closing session drops after its final reply (linger).
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 64 * 1024
+_LINGER_READ = 64 * 1024
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -42,3 +48,44 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+async def linger(stream: trio.abc.Stream) -> None:
+    """Shut our write side, then read and drop input briefly before the close.
+
+    A peer still sending (pipelined commands past a 421 for too many errors, or into a
+    shutdown or a timeout) would otherwise meet a close with unread input, which the
+    kernel answers with a reset that can discard the final reply before the peer reads
+    it. The FIN after the reply lets it read the reply and stop; the drain is bounded in
+    time and bytes, so a peer that never stops costs at most that (a lingering close,
+    as web servers do). Under TLS the TCP stream is shut directly: the reply is already
+    out, and SMTP's own framing makes a missing close_notify harmless.
+    """
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(transport, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(_LINGER_SECONDS):
+        try:
+            await transport.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                data = await transport.receive_some(_LINGER_READ)
+                if not data:
+                    return
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def close_now(stream: trio.abc.Stream) -> None:
+    """Close at once, even inside a cancelled scope; a plain socket needs no await."""
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The innermost cause of a transport error, as one short phrase."""
+    cause = exc.__cause__ or exc.__context__
+    return str(cause or exc) or type(exc).__name__

@@ -10,6 +10,7 @@ correctness that a worker keeps in memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -17,38 +18,31 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, multiprocess
 
+from relate_smtp import app
 from relate_smtp.config import Settings
 from relate_smtp.listener_kind import ListenerKind
-from relate_smtp.runtime.checks import StatusLike
-from relate_smtp.runtime.listeners import StartupError, bind_socket, plan_listeners
-from relate_smtp.runtime.run import (
-    load_certificates,
-    report_startup_error,
-    run_reporting_startup_errors,
-)
-from relate_smtp.runtime.server import (
+from relate_smtp.runtime import tls
+from relate_smtp.runtime.health import start_health_server
+from relate_smtp.runtime.lifecycle import lifecycle, log_bound, log_start
+from relate_smtp.runtime.listeners import (
     BoundListener,
+    bind_planned,
+    close_all,
     describe,
-    health_checks,
-    lifecycle,
-    log_bound,
-    log_start,
-    start_health_server,
+    plan_listeners,
 )
-from relate_smtp.runtime.tls import certificate_status
 from relate_smtp.storage.opening import open_store
 
 log = logging.getLogger("relate_smtp.supervisor")
 
 LISTEN_FDS_ENV = "RELATE_SMTP_LISTEN_FDS"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-EXIT_STARTUP = 2
 _FAST_CRASH = 10.0  # a worker dying sooner than this after start backs off further
 _MAX_BACKOFF = 30.0
 
@@ -86,6 +80,16 @@ def worker_argv(argv: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "relate_smtp", *result, *extra]
 
 
+@attrs.frozen(kw_only=True)
+class Launch:
+    """How every worker of one run is started."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    fds: Sequence[int]
+    metrics_dir: str
+
+
 class _Worker:
     """One worker slot: keeps a process running until the supervisor stops."""
 
@@ -94,14 +98,12 @@ class _Worker:
         self.index = index
         self.process: trio.Process | None = None
 
-    async def keep_running(self) -> None:
+    async def keep_running(self, launch: Launch) -> None:
         backoff = 1.0
         while not self._supervisor.stopping:
             started = trio.current_time()
             self.process = await trio.lowlevel.open_process(
-                self._supervisor.argv,
-                env=self._supervisor.worker_env,
-                pass_fds=self._supervisor.fds,
+                launch.argv, env=launch.env, pass_fds=launch.fds
             )
             log.info("worker %d started (pid %d)", self.index, self.process.pid)
             if self._supervisor.stopping:
@@ -109,11 +111,11 @@ class _Worker:
                 self.process.send_signal(signal.SIGTERM)
             code = await self.process.wait()
             multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-                self.process.pid, self._supervisor.metrics_dir
+                self.process.pid, launch.metrics_dir
             )
             if self._supervisor.stopping:
                 return
-            if code == EXIT_STARTUP:
+            if code == app.EXIT_STARTUP:
                 log.error("worker %d could not start (exit 2); stopping", self.index)
                 self._supervisor.fail()
                 return
@@ -137,54 +139,22 @@ class _Worker:
 
 
 class Supervisor:
-    """The parent process of ``serve --workers N``."""
+    """The parent process of ``serve --workers N``.
+
+    The constructor only records what to do; :meth:`run` loads the certificate, binds
+    the listeners and creates the run's private directory, and removes it on the way out.
+    """
 
     def __init__(
         self, settings: Settings, *, workers: int, argv: Sequence[str], dev_tls: bool
     ) -> None:
         self.settings = settings
-        self._certificates = load_certificates(settings, dev_tls=dev_tls)
+        self._argv = argv
+        self._dev_tls = dev_tls
         self.stopping = False
         self.stopped = trio.Event()
         self.failed = False
-        self._plan = plan_listeners(settings, has_certificate=self._certificates is not None)
-        self.sockets = self._bind()
-        self.fds = [sock.fileno() for socks in self.sockets.values() for sock in socks]
-        # Private to this run: the workers' metric files and the development certificate.
-        self.runtime_dir = tempfile.mkdtemp(prefix="relate-smtp-")
-        self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
-        os.mkdir(self.metrics_dir)
-        extra: list[str] = []
-        if dev_tls and self._certificates is not None and not settings.smtp.certificate_path:
-            extra.append(f"--Smtp:CertificatePath={self._write_dev_certificate()}")
-        self.argv = worker_argv(argv, extra)
-        self.worker_env = {
-            **os.environ,
-            LISTEN_FDS_ENV: encode_fds(self.sockets),
-            METRICS_DIR_ENV: self.metrics_dir,
-        }
         self._workers = [_Worker(self, index) for index in range(workers)]
-
-    def _write_dev_certificate(self) -> str:
-        assert self._certificates is not None
-        certificate = self._certificates.certificate
-        path = os.path.join(self.runtime_dir, "dev-certificate.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(certificate.chain_pem + certificate.key_pem)
-        return path
-
-    def _bind(self) -> dict[ListenerKind, list[socket.socket]]:
-        bound: dict[ListenerKind, list[socket.socket]] = {}
-        try:
-            for listener, port in self._plan:
-                bound[listener.kind] = [bind_socket(listener.kind, port)]
-        except StartupError:
-            for socks in bound.values():
-                for sock in socks:
-                    sock.close()
-            raise
-        return bound
 
     def fail(self) -> None:
         self.failed = True
@@ -199,63 +169,95 @@ class Supervisor:
             worker.signal(signum)
 
     async def run(self) -> None:
+        """Bind, start the workers, serve health until they have all stopped."""
+        certificates = app.load_certificates(self.settings, dev_tls=self._dev_tls)
+        plan = plan_listeners(self.settings, has_certificate=certificates is not None)
+        sockets = bind_planned(plan)
+        # Private to this run: the workers' metric files and the development certificate.
+        runtime_dir = tempfile.mkdtemp(prefix="relate-smtp-")
+        try:
+            launch = self._launch(sockets, runtime_dir, certificates)
+            bound: list[BoundListener] = []
+            for listener, _ in plan:
+                bound.extend(describe(listener, sockets[listener.kind]))
+            await self._serve(bound, launch, certificates)
+        finally:
+            close_all(sockets)
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+        lifecycle.info("Shutdown complete")
+
+    def _launch(
+        self,
+        sockets: Mapping[ListenerKind, Sequence[socket.socket]],
+        runtime_dir: str,
+        certificates: tls.CertificateStore | None,
+    ) -> Launch:
+        metrics_dir = os.path.join(runtime_dir, "metrics")
+        os.mkdir(metrics_dir)
+        extra: list[str] = []
+        if self._dev_tls and certificates is not None and not self.settings.smtp.certificate_path:
+            path = _write_dev_certificate(runtime_dir, certificates.certificate)
+            extra.append(f"--Smtp:CertificatePath={path}")
+        return Launch(
+            argv=worker_argv(self._argv, extra),
+            env={**os.environ, LISTEN_FDS_ENV: encode_fds(sockets), METRICS_DIR_ENV: metrics_dir},
+            fds=[sock.fileno() for socks in sockets.values() for sock in socks],
+            metrics_dir=metrics_dir,
+        )
+
+    async def _serve(
+        self,
+        bound: list[BoundListener],
+        launch: Launch,
+        certificates: tls.CertificateStore | None,
+    ) -> None:
         log_start(self.settings, workers=len(self._workers))
-        bound: list[BoundListener] = []
-        for listener, _ in self._plan:
-            bound.extend(describe(listener, self.sockets[listener.kind]))
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(registry, path=launch.metrics_dir)  # type: ignore[no-untyped-call]
         async with open_store(self.settings) as store, trio.open_nursery() as nursery:
-            probe = health_checks(
+            probe = app.health_checks(
                 self.settings,
                 store,
                 submission_port=bound[0].port,
-                certificate_health=self._certificate_health(),
+                # The parent's view of the certificate: reloaded on SIGHUP like the workers'.
+                certificate_health=app.certificate_verdict(certificates),
+                registry=registry,
             )
-            bound.extend(await start_health_server(nursery, self.settings, probe, registry))
+            endpoints = self.settings.health_check.endpoints
+            bound.extend(await start_health_server(nursery, endpoints, probe, registry))
             log_bound(bound)
-            nursery.start_soon(self._forward_signals)
+            await nursery.start(
+                functools.partial(
+                    app.handle_signals,
+                    stop=functools.partial(self.stop, signal.SIGTERM),
+                    reload=functools.partial(self._reload, certificates),
+                )
+            )
             async with trio.open_nursery() as workers:
                 for worker in self._workers:
-                    workers.start_soon(worker.keep_running)
+                    workers.start_soon(worker.keep_running, launch)
             nursery.cancel_scope.cancel()
-        lifecycle.info("Shutdown complete")
 
-    def _certificate_health(self) -> Callable[[], StatusLike]:
-        """The parent's view of the certificate: reloaded on SIGHUP like the workers'."""
-        certificates = self._certificates
-        if certificates is None:
-            return lambda: certificate_status(None, datetime.now(UTC))
-        return lambda: certificates.status(datetime.now(UTC))
+    async def _reload(self, certificates: tls.CertificateStore | None) -> None:
+        await app.reload_certificates(certificates)
+        for worker in self._workers:
+            worker.signal(signal.SIGHUP)
 
-    async def _forward_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    if self._certificates is not None:
-                        await trio.to_thread.run_sync(self._certificates.reload)
-                    for worker in self._workers:
-                        worker.signal(signal.SIGHUP)
-                else:
-                    log.info("received %s, stopping the workers", signal.Signals(signum).name)
-                    self.stop(signal.SIGTERM)
 
-    def close(self) -> None:
-        for socks in self.sockets.values():
-            for sock in socks:
-                sock.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+def _write_dev_certificate(directory: str, certificate: tls.LoadedCertificate) -> str:
+    """The parent's development certificate, for the workers to load (mode 0600)."""
+    path = os.path.join(directory, "dev-certificate.pem")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(certificate.chain_pem + certificate.key_pem)
+    return path
 
 
 def run_supervisor(
     settings: Settings, *, workers: int, argv: Sequence[str], dev_tls: bool = False
 ) -> int:
-    try:
-        supervisor = Supervisor(settings, workers=workers, argv=argv, dev_tls=dev_tls)
-    except StartupError as exc:
-        return report_startup_error(exc)
-    try:
-        status = run_reporting_startup_errors(supervisor.run)
-    finally:
-        supervisor.close()
-    return EXIT_STARTUP if supervisor.failed else status
+    """Supervise ``workers`` processes; the exit status (2 for a start-up problem, the
+    parent's or a worker's)."""
+    supervisor = Supervisor(settings, workers=workers, argv=argv, dev_tls=dev_tls)
+    status = app.run_reporting_startup_errors(supervisor.run)
+    return app.EXIT_STARTUP if supervisor.failed else status

@@ -16,9 +16,11 @@ import attrs
 import bcrypt
 import trio
 
+from relate_smtp.app import build_server
 from relate_smtp.config import Settings, load_settings
 from relate_smtp.handlers.apikeys import generate_api_key, key_prefix
-from relate_smtp.runtime.server import BoundListener, Server
+from relate_smtp.runtime.listeners import BoundListener
+from relate_smtp.runtime.server import Server
 from relate_smtp.storage import AdminStore, User
 
 T = TypeVar("T")
@@ -58,7 +60,7 @@ async def running_server(
     tls_context: ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> AsyncIterator[RunningServer]:
-    server = Server(settings, store=store, tls_context=lambda: tls_context, **kwargs)
+    server = build_server(settings, store=store, tls_context=lambda: tls_context, **kwargs)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve)
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relate_smtp.runtime.run import check_store
+from relate_smtp.app import check_store
 from relate_smtp.storage import NewEmail, SavedEmail, SchemaMissing
 from relate_smtp.storage.connstring import parse_connection_string
 from relate_smtp.storage.postgres import open_postgres_store

@@ -23,12 +23,11 @@ from relate_smtp.runtime.checks import (
     connection_pool_check,
     database_check,
     disk_space_check,
-    dns_mx_check,
     grade_disk,
     memory_check,
     run_checks,
-    smtp_check,
 )
+from relate_smtp.runtime.network_checks import dns_mx_check, smtp_check
 from relate_smtp.runtime.proxy import LOCAL_V2_HEADER
 from relate_smtp.storage import PoolStats, ServerConnections, Store, StoreUnavailable
 

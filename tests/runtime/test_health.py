@@ -33,10 +33,10 @@ from relate_smtp.runtime.health import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_CLIENT,
     REQUEST_TIMEOUT,
-    HealthBindError,
     HealthServer,
-    _ConnectionTable,
 )
+from relate_smtp.runtime.health_connections import ConnectionTable
+from relate_smtp.runtime.health_sockets import HealthBindError
 from relate_smtp.storage import PoolStats, ServerConnections, Store, StoreUnavailable
 
 GIB = 1024**3
@@ -568,7 +568,7 @@ async def test_a_hundred_idle_connections_neither_delay_a_probe_nor_log_tracebac
 
 
 def test_idle_order_is_the_order_connections_began_to_wait() -> None:
-    table = _ConnectionTable(max_total=2, max_per_client=2)
+    table = ConnectionTable(max_total=2, max_per_client=2)
     kept_alive, _ = table.admit("192.0.2.1")
     fresh, _ = table.admit("192.0.2.2")
     table.busy(kept_alive)  # answered a request, then waits for the next
@@ -578,7 +578,7 @@ def test_idle_order_is_the_order_connections_began_to_wait() -> None:
 
 
 def test_releasing_an_evicted_slot_again_is_harmless() -> None:
-    table = _ConnectionTable(max_total=1, max_per_client=1)
+    table = ConnectionTable(max_total=1, max_per_client=1)
     first, _ = table.admit("192.0.2.1")
     second, eviction = table.admit("192.0.2.1")
     assert eviction is not None and eviction.slot is first
@@ -593,7 +593,7 @@ def test_releasing_an_evicted_slot_again_is_harmless() -> None:
 @pytest.mark.parametrize(("total", "per_client"), [(0, 1), (1, 0)])
 def test_caps_below_one_are_refused(total: int, per_client: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        _ConnectionTable(max_total=total, max_per_client=per_client)
+        ConnectionTable(max_total=total, max_per_client=per_client)
 
 
 async def test_silent_socket_client_times_out_while_another_is_served(

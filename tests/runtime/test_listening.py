@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from relate_smtp.runtime.server import BoundListener, log_bound
+from relate_smtp.runtime.lifecycle import log_bound
+from relate_smtp.runtime.listeners import BoundListener
 from tests.e2e.ops_support import LISTENING
 
 

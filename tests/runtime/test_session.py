@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from relate_smtp.runtime.server import Server
+from relate_smtp.app import build_server
 from relate_smtp.runtime.session import Session
 from relate_smtp.storage.sqlite import SqliteStore
 from tests.e2e.harness import make_settings
@@ -48,7 +48,7 @@ async def start_session(
     nursery: trio.Nursery, tmp_path: Path, store: SqliteStore, *overrides: str
 ) -> tuple[Peer, Session]:
     settings = make_settings(tmp_path, "Smtp:RequireAuthentication=false", *overrides)
-    server = Server(settings, store=store)
+    server = build_server(settings, store=store)
     listener = server.listeners()[0][0]
     client_end, server_end = trio.testing.memory_stream_pair()
     session = Session(

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relate_smtp.config import SmtpSettings
-from relate_smtp.runtime import tls
 from relate_smtp.runtime.tls import (
     HTTPS_COMPATIBLE,
     CertificateError,
@@ -35,6 +34,7 @@ from relate_smtp.runtime.tls import (
     server_context,
     wrap_server,
 )
+from relate_smtp.runtime.tls import reload as tls_reload
 
 HOST = "mail.example.test"
 UTC = datetime.UTC
@@ -610,14 +610,14 @@ async def test_watch_does_not_retry_a_broken_file_until_it_changes(
     path = write_pem(tmp_path / "cert.pem", leaf)
     store = CertificateStore.from_files(str(path))
     polls = 0
-    real_fingerprint = tls._fingerprint
+    real_fingerprint = tls_reload._fingerprint
 
-    def counting_fingerprint(paths: tuple[str, ...]) -> tls._Fingerprint:
+    def counting_fingerprint(paths: tuple[str, ...]) -> tls_reload._Fingerprint:
         nonlocal polls
         polls += 1
         return real_fingerprint(paths)
 
-    monkeypatch.setattr(tls, "_fingerprint", counting_fingerprint)
+    monkeypatch.setattr(tls_reload, "_fingerprint", counting_fingerprint)
 
     def errors() -> int:
         return sum(1 for r in caplog.records if r.levelno == logging.ERROR)

@@ -8,14 +8,20 @@ An IPv6 client is not one address: a site is given at least a /64 (RFC 6177), an
 host on it can take fresh addresses at will (SLAAC privacy addresses, RFC 8981). Limits
 that counted per address would let one client look like 2**64, so they count per
 prefix instead (:func:`client_group`).
+
+A leaf beside ``listener_kind``: the runtime (limits, PROXY trust, logs) and the
+handlers (the AUTH rate limiter) both need these rules, and neither may own them for
+the other.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from relate_smtp.config import IPNetwork
+if TYPE_CHECKING:
+    from relate_smtp.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relate_smtp.runtime.addresses import client_group
+from relate_smtp.addresses import client_group
 
 
 @pytest.mark.parametrize(
