@@ -46,7 +46,7 @@ from tests.robustness.corpus import (
     CutByClock,
     Target,
 )
-from tests.robustness.support import (
+from tests.robustness.helpers import (
     Ledger,
     Peer,
     PeerClosed,

@@ -1,7 +1,9 @@
-"""Fixtures shared across the suite: the embedded store of a test server and TLS material."""
+"""Fixtures shared across the suite: the embedded store of a test server, TLS material, and
+the check that the PostgreSQL test server is up."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,12 +11,14 @@ from pathlib import Path
 import pytest
 import trustme
 
+from relate_smtp.storage.connstring import parse_connection_string
 from relate_smtp.storage.sqlite import SqliteStore
+from tests.storage.helpers import ADMIN_URL, REACH_TIMEOUT, postgres_unreachable
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    """Where ``tests.e2e.harness.make_settings`` puts the embedded store."""
+    """Where ``tests.e2e.helpers.make_settings`` puts the embedded store."""
     return tmp_path / "relate.db"
 
 
@@ -45,3 +49,19 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
     ca.configure_trust(context)
     context.check_hostname = False
     return context
+
+
+@pytest.fixture
+def postgres_available() -> None:
+    """Skip (or fail under CI) before the test starts when the server's port is closed.
+
+    A plain fixture, outside Trio, so the skip keeps its reason; the database-creating
+    helpers check again for servers that accept TCP but refuse us.
+    """
+    admin = parse_connection_string(ADMIN_URL)
+    if admin.host is None or admin.host.startswith("/"):
+        return  # a Unix socket: leave it to temporary_database()
+    try:
+        socket.create_connection((admin.host, admin.port), timeout=REACH_TIMEOUT).close()
+    except OSError as exc:
+        postgres_unreachable(f"{type(exc).__name__}: {exc}")

@@ -2,22 +2,23 @@
 
 It owns the receive buffer, dispatches each command line, holds the one pending
 `Decision`, and collects outbound bytes. Sequencing comes from `_state.TRANSITIONS`,
-grammar from `_commands`, wording from `_replies`; every `_Reject` raised by those is
-caught in `_advance` and nowhere else.
+grammar from `_commands`, wording from `_replies`, and what each command line does
+from `_dispatch`; every `_Reject` raised by those is caught in `_advance` and nowhere
+else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Final
 
 import attrs
 
 from . import _replies as replies
 from ._buffer import Line, ReceiveBuffer
-from ._commands import parse_auth, parse_bdat, parse_hello, parse_mail, parse_rcpt, split_command
+from ._commands import split_command
 from ._config import BareLineEndings, ProtocolConfig
 from ._data import Chunk, DotReader, Outcome
+from ._dispatch import HANDLERS
 from ._errors import LocalProtocolError
 from ._events import (
     ANSWER_CODES,
@@ -34,15 +35,13 @@ from ._events import (
     MessageAborted,
     MessageChunk,
     MessageEnd,
-    MessageStart,
     Pending,
-    Quit,
     RcptTo,
     Reset,
     StartTLS,
 )
 from ._replies import Reply, _Reject
-from ._sasl import Credentials, SaslExchange, start_exchange
+from ._sasl import Credentials, SaslExchange
 from ._state import MESSAGE_STATES, TRANSITIONS, Command, State, out_of_sequence
 
 _AUTH_PREFIX: Final = b"AUTH "
@@ -302,7 +301,7 @@ class ServerConnection:
         command, args = split_command(line)
         if command is None:
             raise _Reject(replies.UNKNOWN_COMMAND)
-        _HANDLERS[command](self, command, args, TRANSITIONS.get((self._state, command)))
+        HANDLERS[command](self, command, args, TRANSITIONS.get((self._state, command)))
 
     def _decide(self, decision: AnyDecision, target: State) -> None:
         self._events.append(decision)
@@ -438,6 +437,11 @@ class ServerConnection:
         self._state = TRANSITIONS[self._state, Command.MESSAGE_DONE]
         self._error(reply)
 
+    def _start_chunk(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        if not chunk.size:
+            self._read_chunk()
+
     # --- SASL ------------------------------------------------------------------------
     def _sasl_step(self, exchange: SaslExchange, step: Reply | Credentials) -> None:
         if isinstance(step, Reply):  # a 334 challenge: the next line is the response
@@ -451,143 +455,3 @@ class ServerConnection:
             password=step.password,
         )
         self._decide(request, TRANSITIONS[State.AUTH, Command.AUTH_DONE])
-
-    # --- command handlers: (self, command, arguments, table target or None) ----------
-    def _on_hello(self, command: Command, args: bytes, target: State | None) -> None:
-        target = self._require(target, command)
-        domain = parse_hello(_text(args), command)
-        self._decide(Hello(extended=command is Command.EHLO, domain=domain), target)
-
-    def _on_auth(self, command: Command, args: bytes, target: State | None) -> None:
-        config = self._config
-        if not config.auth_enabled:
-            raise _Reject(replies.NOT_IMPLEMENTED)
-        target = self._require(target, command)
-        if self._authenticated:
-            raise _Reject(replies.ALREADY_AUTHENTICATED)
-        if not config.auth_offered(tls_active=self._tls_active):
-            raise _Reject(replies.ENCRYPTION_REQUIRED)  # RFC 4954 §6
-        mechanism, initial = parse_auth(_text(args))
-        exchange = start_exchange(mechanism)
-        self._state = target
-        self._sasl_step(exchange, exchange.start(None if initial is None else initial.encode()))
-
-    def _on_starttls(self, command: Command, args: bytes, target: State | None) -> None:
-        if not self._config.tls_available:
-            raise _Reject(replies.NOT_IMPLEMENTED)
-        if self._tls_active:
-            raise _Reject(replies.TLS_ALREADY_ACTIVE)
-        target = self._require(target, command)
-        if args:
-            raise _Reject(replies.SYNTAX_NO_PARAMETERS)  # RFC 3207 §4
-        self._decide(StartTLS(), target)
-
-    def _on_mail(self, command: Command, args: bytes, target: State | None) -> None:
-        target = self._require(target, command)
-        config = self._config
-        if config.auth_enabled and config.auth_required and not self._authenticated:
-            raise _Reject(replies.AUTH_REQUIRED)  # RFC 4954 §6
-        self._decide(parse_mail(_text(args), config), target)
-
-    def _on_rcpt(self, command: Command, args: bytes, target: State | None) -> None:
-        target = self._require(target, command)
-        transaction = self._tx()
-        event = parse_rcpt(_text(args), smtputf8=transaction.smtputf8)
-        if transaction.recipients >= self._config.max_recipients:
-            # RFC 5321 §4.5.3.1.10: the client is expected to go on with the recipients
-            # accepted so far, so this is not an error that counts toward 421.
-            raise _Reject(replies.TOO_MANY_RECIPIENTS, counted=False)
-        self._decide(event, target)
-
-    def _on_data(self, command: Command, args: bytes, target: State | None) -> None:
-        target = self._require(target, command)
-        if args:
-            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
-        if self._tx().body is BodyType.BINARY_MIME:
-            raise _Reject(replies.BINARYMIME_NEEDS_BDAT)  # RFC 3030 §3
-        self._out.append(replies.START_MAIL_INPUT.render())
-        self._state = target
-        self._dot = DotReader(
-            max_size=self._config.max_message_size, normalize_bare_lf=self._normalize
-        )
-        self._events.append(MessageStart(chunked=False))
-
-    def _on_bdat(self, command: Command, args: bytes, target: State | None) -> None:
-        size, last = parse_bdat(args)  # without a size nothing can be skipped: just 501
-        # From here on the chunk is always consumed, even when refused (RFC 3030 §2).
-        if not self._config.chunking:
-            self._start_chunk(Chunk(size, last, replies.NOT_IMPLEMENTED))
-            return
-        if target is None:
-            self._start_chunk(Chunk(size, last, out_of_sequence(self._state, command)))
-            return
-        transaction = self._tx()
-        if self._state is not State.BDAT:
-            self._state = target
-            self._events.append(MessageStart(chunked=True))
-        transaction.chunked_size += size
-        limit = self._config.max_message_size
-        too_big = limit and transaction.chunked_size > limit
-        self._start_chunk(Chunk(size, last, replies.MESSAGE_TOO_BIG if too_big else None))
-
-    def _start_chunk(self, chunk: Chunk) -> None:
-        self._chunk = chunk
-        if not chunk.size:
-            self._read_chunk()
-
-    def _on_rset(self, command: Command, args: bytes, target: State | None) -> None:
-        target = self._require(target, command)
-        if args:
-            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
-        self._reset_transaction()
-        self._state = target
-        self._out.append(replies.OK.render())
-
-    def _on_noop(self, command: Command, args: bytes, target: State | None) -> None:
-        # RFC 5321 §4.1.1.9: any argument is ignored.
-        self._state = self._require(target, command)
-        self._out.append(replies.OK.render())
-
-    def _on_vrfy(self, command: Command, args: bytes, target: State | None) -> None:
-        self._state = self._require(target, command)
-        if not args:
-            raise _Reject(replies.SYNTAX_VRFY)
-        self._out.append(replies.CANNOT_VRFY.render())  # RFC 5321 §3.5.3
-
-    def _on_help(self, command: Command, args: bytes, target: State | None) -> None:
-        self._state = self._require(target, command)
-        self._out.append(replies.HELP.render())
-
-    def _on_quit(self, command: Command, args: bytes, target: State | None) -> None:
-        self._require(target, command)
-        if args:
-            raise _Reject(replies.SYNTAX_NO_PARAMETERS)
-        self._out.append(replies.CLOSING.render())
-        self._events.append(Quit())
-        self._close()
-
-
-def _text(args: bytes) -> str:
-    try:
-        return args.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Reject(replies.INVALID_UTF8) from None
-
-
-_Handler = Callable[[ServerConnection, Command, bytes, State | None], None]
-
-_HANDLERS: Final[dict[Command, _Handler]] = {
-    Command.HELO: ServerConnection._on_hello,
-    Command.EHLO: ServerConnection._on_hello,
-    Command.AUTH: ServerConnection._on_auth,
-    Command.STARTTLS: ServerConnection._on_starttls,
-    Command.MAIL: ServerConnection._on_mail,
-    Command.RCPT: ServerConnection._on_rcpt,
-    Command.DATA: ServerConnection._on_data,
-    Command.BDAT: ServerConnection._on_bdat,
-    Command.RSET: ServerConnection._on_rset,
-    Command.NOOP: ServerConnection._on_noop,
-    Command.VRFY: ServerConnection._on_vrfy,
-    Command.HELP: ServerConnection._on_help,
-    Command.QUIT: ServerConnection._on_quit,
-}

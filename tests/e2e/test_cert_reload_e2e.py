@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import free_port
-from tests.e2e.ops_support import ServeProcess, peer_thumbprint_implicit, write_certificate
+from tests.e2e.helpers import ServeProcess, free_port, peer_thumbprint_implicit, write_certificate
 
 RELOADED = r"Reloaded TLS certificate from "
 

@@ -19,15 +19,18 @@ from relate_smtp.runtime.health import FIRST_BYTE_TIMEOUT
 from relate_smtp.runtime.tls import CertificateStore
 from relate_smtp.storage.postgres import open_postgres_store
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import (
+from tests.e2e.helpers import (
+    SmtpLineClient,
     add_account,
     client,
     free_port,
+    http_get,
     in_thread,
     make_settings,
     running_server,
+    scrape,
+    write_certificate,
 )
-from tests.e2e.ops_support import SmtpLineClient, http_get, scrape, write_certificate
 
 CHECK_NAMES = {
     "database",

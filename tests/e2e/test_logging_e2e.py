@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.ops_support import DB_NAME, ServeProcess, create_account
+from tests.e2e.helpers import DB_NAME, ServeProcess, create_account
 
 API_KEY = "internal-api-key-never-logged"
 SALT = "salt-never-logged"

@@ -28,7 +28,7 @@ from relate_smtp.config import ConfigError, Settings
 from relate_smtp.storage import NewEmail, SavedEmail, StoreError, StoreUnavailable, User
 from relate_smtp.storage.records import RECIPIENT_BCC, RECIPIENT_CC, RECIPIENT_TO, RecipientRow
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import (
+from tests.e2e.helpers import (
     Account,
     RunningServer,
     add_account,
@@ -168,7 +168,7 @@ def serve(
     tls_context: ssl.SSLContext | None = None,
     recorder: RecordingListener | None = None,
 ) -> AbstractAsyncContextManager[RunningServer]:
-    """The harness server with notifications recorded instead of posted: no API listens
+    """The test server with notifications recorded instead of posted: no API listens
     in tests, and the notifier's retries would hold shutdown for seconds."""
     return running_server(
         settings,

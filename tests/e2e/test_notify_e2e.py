@@ -16,15 +16,15 @@ import h11
 import trio
 
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import (
+from tests.e2e.helpers import (
     add_account,
     client,
     free_port,
     in_thread,
     make_settings,
     running_server,
+    watch_log,
 )
-from tests.e2e.ops_support import watch_log
 
 API_KEY = "internal-test-key"
 API_TIMEOUT = 5.0

@@ -27,7 +27,7 @@ from relate_smtp.app import check_store
 from relate_smtp.storage import NewEmail, SavedEmail, SchemaMissing
 from relate_smtp.storage.connstring import parse_connection_string
 from relate_smtp.storage.postgres import open_postgres_store
-from tests.e2e.harness import (
+from tests.e2e.helpers import (
     add_account,
     client,
     free_port,
@@ -35,11 +35,11 @@ from tests.e2e.harness import (
     make_settings,
     running_server,
 )
-from tests.robustness.support import Progress
-from tests.storage.pg_support import TempDatabase, postgres_available, temporary_database
+from tests.robustness.helpers import Progress
+from tests.storage.helpers import TempDatabase, temporary_database
 
 # Needs the PostgreSQL test server: skipped without it, a failure when CI=true.
-needs_postgres = pytest.mark.usefixtures(postgres_available.__name__)
+needs_postgres = pytest.mark.usefixtures("postgres_available")
 
 LOCAL = "rcpt@example.com"
 REMOTE = "someone@remote.example"

@@ -12,13 +12,16 @@ import pytest
 import trio
 
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import add_account, free_port, make_settings, running_server
-from tests.e2e.ops_support import (
+from tests.e2e.helpers import (
     LogWatcher,
     SmtpLineClient,
+    add_account,
+    free_port,
     http_get,
+    make_settings,
     proxy_v1,
     proxy_v2,
+    running_server,
     watch_log,
 )
 

@@ -18,8 +18,7 @@ import pytest
 
 from relate_smtp.handlers.ratelimit import RateLimiter
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import add_account, make_settings, running_server
-from tests.e2e.ops_support import SmtpLineClient
+from tests.e2e.helpers import SmtpLineClient, add_account, make_settings, running_server
 
 ALICE = "alice@example.com"
 

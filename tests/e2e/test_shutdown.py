@@ -14,14 +14,16 @@ import pytest
 import trio
 
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import free_port, make_settings, running_server
-from tests.e2e.ops_support import (
+from tests.e2e.helpers import (
     DB_NAME,
     ServeProcess,
     SmtpLineClient,
     create_account,
+    free_port,
+    make_settings,
     proxy_v1,
     run_cli,
+    running_server,
 )
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from relate_smtp.storage import StoredEmail
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import Account, add_account, client, in_thread, make_settings, running_server
+from tests.e2e.helpers import Account, add_account, client, in_thread, make_settings, running_server
 
 
 async def send(

@@ -22,7 +22,7 @@ import trio
 from relate_smtp.storage import NewEmail, SavedEmail
 from relate_smtp.storage.records import RECIPIENT_TO
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import (
+from tests.e2e.helpers import (
     add_account,
     add_key,
     client,
@@ -31,8 +31,8 @@ from tests.e2e.harness import (
     in_thread,
     make_settings,
     running_server,
+    watch_log,
 )
-from tests.e2e.ops_support import watch_log
 
 
 def simple_message(sender: str = "alice@example.com", to: str = "bob@example.org") -> bytes:

@@ -2,7 +2,7 @@
 
 Only a transient store failure (:class:`StoreUnavailable`) is answered 451 by the
 handler itself; any other exception is a bug and propagates to the runtime, which
-counts it (see tests/runtime/test_internal_errors.py).
+counts it (see tests/runtime/test_session.py and test_network_checks.py).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from relate_smtp.runtime.proxy import V2_SIGNATURE
-from tests.robustness.support import Peer, dot_stuffed, message_bytes, unique_id
+from tests.robustness.helpers import Peer, dot_stuffed, message_bytes, unique_id
 
 # Settings every corpus server runs with: short clocks so timeouts happen in seconds.
 COMMAND_TIMEOUT = 2.0

@@ -1,4 +1,4 @@
-"""Faults during traffic, with the accounting of ``support.account`` after each.
+"""Faults during traffic, with the accounting of ``helpers.account`` after each.
 
 Concurrent raw SMTP senders keep the real server busy while the test breaks what it
 depends on: the embedded store's disk fills up; PostgreSQL connections are terminated;
@@ -29,9 +29,8 @@ import trio
 
 from relate_smtp.storage.postgres import open_postgres_store
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import free_port, make_settings, running_server
-from tests.e2e.ops_support import DB_NAME, ServeProcess
-from tests.robustness.support import (
+from tests.e2e.helpers import DB_NAME, ServeProcess, free_port, make_settings, running_server
+from tests.robustness.helpers import (
     ORPHANS_QUERY,
     STORED_QUERY,
     CommitRecorder,
@@ -51,9 +50,9 @@ from tests.robustness.support import (
     sqlite_stored,
     unique_id,
 )
-from tests.storage.pg_support import TempDatabase, postgres_available, temporary_database
+from tests.storage.helpers import TempDatabase, temporary_database
 
-needs_postgres = pytest.mark.usefixtures(postgres_available.__name__)
+needs_postgres = pytest.mark.usefixtures("postgres_available")
 
 LOCAL = "rcpt@example.com"
 REMOTE = "someone@remote.example"

@@ -19,8 +19,8 @@ import attrs
 import pytest
 import trio
 
-from tests.e2e.ops_support import ServeProcess
-from tests.robustness.support import (
+from tests.e2e.helpers import ServeProcess
+from tests.robustness.helpers import (
     Ledger,
     Peer,
     message_bytes,

@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import make_settings, running_server
+from tests.e2e.helpers import make_settings, running_server
 from tests.robustness.corpus import CASES, CORPUS_SETTINGS, SLACK, Case, Target
-from tests.robustness.support import (
+from tests.robustness.helpers import (
     SUMMARY,
     CommitRecorder,
     Ledger,

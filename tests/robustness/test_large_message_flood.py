@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.ops_support import ServeProcess
-from tests.robustness.support import Peer, sqlite_stored
+from tests.e2e.helpers import ServeProcess
+from tests.robustness.helpers import Peer, sqlite_stored
 
 DB_NAME = "flood.db"
 HOSTED = "hosted.example"

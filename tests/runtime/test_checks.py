@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
-from functools import partial
 from typing import cast
 
 import attrs
@@ -27,9 +25,9 @@ from relate_smtp.runtime.checks import (
     memory_check,
     run_checks,
 )
-from relate_smtp.runtime.network_checks import dns_mx_check, smtp_check
-from relate_smtp.runtime.proxy import LOCAL_V2_HEADER
 from relate_smtp.storage import PoolStats, ServerConnections, Store, StoreUnavailable
+from relate_smtp.storage.postgres import open_postgres_store
+from tests.storage.helpers import temporary_database
 
 
 class FakeStore:
@@ -263,181 +261,6 @@ async def test_certificate_check_accepts_a_check_result() -> None:
     assert await certificate_check(lambda: result).run() == result
 
 
-# ---------------------------------------------------------------------------- dns
-
-
-async def test_dns_mx_with_records_is_healthy() -> None:
-    asked: list[str] = []
-
-    async def resolve(domain: str) -> list[str]:
-        asked.append(domain)
-        return ["alt1.gmail-smtp-in.l.google.com.", "gmail-smtp-in.l.google.com."]
-
-    check = dns_mx_check("gmail.com", resolve=resolve)
-    assert (check.name, check.tags) == ("dns-mx", ("smtp",))
-    result = await check.run()
-    assert asked == ["gmail.com"]
-    assert result.status == "Healthy"
-    assert result.data == {"testDomain": "gmail.com", "mxRecordCount": 2}
-    assert result.description == (
-        "DNS MX resolution working "
-        "(gmail.com → alt1.gmail-smtp-in.l.google.com, gmail-smtp-in.l.google.com)"
-    )
-
-
-async def test_dns_mx_names_the_first_three_exchanges() -> None:
-    async def resolve(domain: str) -> list[str]:
-        return ["a.example.", "b.example.", "c.example.", "d.example."]
-
-    result = await dns_mx_check("example.com", resolve=resolve).run()
-    assert result.description == (
-        "DNS MX resolution working (example.com → a.example, b.example, c.example)"
-    )
-    assert result.data == {"testDomain": "example.com", "mxRecordCount": 4}
-
-
-async def test_dns_mx_without_records_is_degraded() -> None:
-    async def resolve(domain: str) -> list[str]:
-        return []
-
-    result = await dns_mx_check("example.invalid", resolve=resolve).run()
-    assert result.status == "Degraded"
-    assert result.exception is None
-    assert result.description == "No MX records returned for example.invalid"
-    assert result.data == {"testDomain": "example.invalid", "mxRecordCount": 0}
-
-
-async def test_dns_mx_failure_is_degraded_not_unhealthy() -> None:
-    async def resolve(domain: str) -> list[str]:
-        raise OSError("no nameservers reachable")
-
-    result = await dns_mx_check("gmail.com", resolve=resolve).run()
-    assert result.status == "Degraded"
-    assert result.exception == "no nameservers reachable"
-    assert result.description == "DNS MX resolution failed"
-
-
-async def test_dns_mx_that_hangs_is_degraded(autojump_clock: trio.testing.MockClock) -> None:
-    async def resolve(domain: str) -> list[str]:
-        await trio.sleep_forever()
-        raise AssertionError
-
-    result = await dns_mx_check("gmail.com", resolve=resolve, timeout=2).run()
-    assert result.status == "Degraded"
-    assert result.exception is not None and "within 2 s" in result.exception
-
-
-# ---------------------------------------------------------------------------- smtp
-
-
-class FakeSmtpServer:
-    """Greets, answers QUIT, and records every byte it receives."""
-
-    def __init__(
-        self,
-        greeting: bytes = b"220-mx.example ESMTP\r\n220 ready\r\n",
-        *,
-        expect_proxy: bool = False,
-    ) -> None:
-        self.greeting = greeting
-        self.expect_proxy = expect_proxy
-        self.received = b""
-        self.done = trio.Event()
-
-    async def _receive_until(self, stream: trio.SocketStream, size: int) -> bool:
-        while len(self.received) < size:
-            chunk = await stream.receive_some()
-            if not chunk:
-                return False
-            self.received += chunk
-        return True
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            # Like a PROXY listener: the header comes before the greeting is sent.
-            proxy_size = len(LOCAL_V2_HEADER) if self.expect_proxy else 0
-            if await self._receive_until(stream, proxy_size):
-                if self.greeting:
-                    await stream.send_all(self.greeting)
-                if await self._receive_until(stream, proxy_size + len(b"QUIT\r\n")):
-                    await stream.send_all(b"221 2.0.0 Bye\r\n")
-        self.done.set()
-
-
-async def serve(nursery: trio.Nursery, handler: FakeSmtpServer) -> int:
-    listeners = await nursery.start(partial(trio.serve_tcp, handler.handle, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
-
-
-async def test_smtp_healthy_without_proxy(nursery: trio.Nursery) -> None:
-    server = FakeSmtpServer()
-    port = await serve(nursery, server)
-    check = smtp_check("127.0.0.1", port, proxy_local=False)
-    assert (check.name, check.tags) == ("smtp", ("protocol",))
-    result = await check.run()
-    await server.done.wait()
-    assert result.status == "Healthy", result
-    assert result.description == f"SMTP server accepting connections on port {port}"
-    assert server.received == b"QUIT\r\n"
-
-
-async def test_smtp_does_not_require_the_221(nursery: trio.Nursery) -> None:
-    async def greet_only(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(b"220 ready\r\n")
-            await trio.sleep_forever()
-
-    listeners = await nursery.start(partial(trio.serve_tcp, greet_only, 0, host="127.0.0.1"))
-    port = int(listeners[0].socket.getsockname()[1])
-    result = await smtp_check("127.0.0.1", port, proxy_local=False, timeout=3).run()
-    assert result.status == "Healthy", result
-
-
-async def test_smtp_healthy_with_proxy_local_header(nursery: trio.Nursery) -> None:
-    server = FakeSmtpServer(expect_proxy=True)
-    port = await serve(nursery, server)
-    result = await smtp_check("127.0.0.1", port, proxy_local=True).run()
-    await server.done.wait()
-    assert result.status == "Healthy", result
-    assert server.received == b"\r\n\r\n\x00\r\nQUIT\n" + b"\x20" + b"\x00" + b"\x00\x00" + (
-        b"QUIT\r\n"
-    )
-
-
-async def test_smtp_refusing_greeting_is_unhealthy(nursery: trio.Nursery) -> None:
-    port = await serve(nursery, FakeSmtpServer(b"554 5.3.2 not now\r\n"))
-    result = await smtp_check("127.0.0.1", port, proxy_local=False).run()
-    assert result.status == "Unhealthy"
-    assert result.description == (
-        f"SMTP server on port {port} returned unexpected greeting: 554 5.3.2 not now"
-    )
-
-
-async def test_smtp_non_smtp_answer_is_unhealthy(nursery: trio.Nursery) -> None:
-    port = await serve(nursery, FakeSmtpServer(b"HTTP/1.1 400 Bad Request\r\n"))
-    result = await smtp_check("127.0.0.1", port, proxy_local=False).run()
-    assert result.status == "Unhealthy"
-    assert result.exception is not None and "not an SMTP reply" in result.exception
-
-
-async def test_smtp_connection_refused_is_unhealthy() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = await smtp_check("127.0.0.1", port, proxy_local=False).run()
-    assert result.status == "Unhealthy"
-    assert result.exception
-    assert result.description == f"SMTP server on port {port} is not responding"
-
-
-async def test_smtp_silent_server_is_unhealthy_after_the_timeout(nursery: trio.Nursery) -> None:
-    silent = FakeSmtpServer(greeting=b"")
-    port = await serve(nursery, silent)
-    result = await smtp_check("127.0.0.1", port, proxy_local=False, timeout=0.3).run()
-    assert result.status == "Unhealthy"
-    assert result.exception is not None and "within 0.3 s" in result.exception
-
-
 # ---------------------------------------------------------------------------- running
 
 
@@ -490,3 +313,46 @@ async def test_no_checks_is_healthy() -> None:
     report = await run_checks([])
     assert report.status == "Healthy"
     assert report.outcomes == ()
+
+
+# ---------------------------------------------------------------------------- pool, on PostgreSQL
+# The ``connection-pool`` check against a real PostgreSQL server (SPEC §7).
+
+POOL_SIZE = 21
+BUSY = POOL_SIZE - 1  # 95.2 % of the pool: what a process-pool check calls exhaustion
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres_available")
+async def test_a_busy_pool_is_healthy_and_the_servers_sessions_are_counted() -> None:
+    async with temporary_database() as db:
+        params = attrs.evolve(db.params, max_pool_size=POOL_SIZE)
+        async with open_postgres_store(params) as store, trio.open_nursery() as nursery:
+            async with db.locked("Users", "ACCESS EXCLUSIVE"):
+                for _ in range(BUSY):
+                    nursery.start_soon(store.find_user_by_address, "alice@example.com")
+                await db.sessions_waiting_on_locks(BUSY)
+                assert store.pool_stats().active == BUSY
+                result = await connection_pool_check(store).run()
+            maximum = int(await db.fetchval("SHOW max_connections"))
+    assert result.status == "Healthy", result
+    assert result.data is not None
+    active = result.data["activeConnections"]
+    assert isinstance(active, int)
+    # The blocked lookups, the lock holder and the check's own session, at least.
+    assert active >= BUSY + 2
+    assert result.data["maxConnections"] == maximum
+    assert result.data["usedPercent"] == pytest.approx(100 * active / maximum)
+    assert result.description == f"{active}/{maximum} connections ({100 * active / maximum:.1f}%)"
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres_available")
+async def test_a_failing_query_is_unhealthy() -> None:
+    async with temporary_database() as db:
+        params = attrs.evolve(db.params, port=1, connect_timeout=1)
+        async with open_postgres_store(params) as store:
+            result = await connection_pool_check(store).run()
+    assert result.status == "Unhealthy"
+    assert result.description == "Failed to query connection pool statistics"
+    assert result.exception

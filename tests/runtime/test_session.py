@@ -1,7 +1,9 @@
-"""The session's clocks and shutdown over in-memory streams, on Trio's virtual clock."""
+"""The session's clocks and shutdown over in-memory streams, on Trio's virtual clock, and
+what it does about a bug behind end of data."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,11 @@ import trio
 import trio.testing
 
 from relate_smtp.app import build_server
+from relate_smtp.runtime.metrics import internal_error_count
 from relate_smtp.runtime.session import Session
+from relate_smtp.storage import NewEmail, SavedEmail
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.e2e.harness import make_settings
+from tests.e2e.helpers import make_settings
 
 
 class Peer:
@@ -213,3 +217,48 @@ async def test_a_transaction_pipelined_behind_the_last_message_does_not_start(
         assert (await peer.reply()).startswith(b"421 4.3.2")
         assert await peer.closed()
     assert [email.subject for email in await store.list_emails()] == ["first"]
+
+
+# A bug behind end of data: answered 451 once per message (the sender keeps the mail),
+# its traceback logged, and counted in ``smtp_internal_errors_total`` (which the ``smtp``
+# health check shows: tests/runtime/test_network_checks.py), so it is seen instead of
+# retried in silence.
+
+
+async def broken_save(email: NewEmail) -> SavedEmail:
+    raise RuntimeError("a bug in the store")
+
+
+async def test_a_bug_is_answered_451_logged_and_counted(
+    tmp_path: Path,
+    store: SqliteStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(store, "save_email", broken_save)
+    server = build_server(make_settings(tmp_path, "Smtp:RequireAuthentication=false"), store=store)
+    listener = server.listeners()[0][0]
+    client_end, server_end = trio.testing.memory_stream_pair()
+    session = Session(
+        server_end, client=("192.0.2.1", 4000), listener=listener, services=server.services
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        peer = Peer(client_end)
+        assert (await peer.reply()).startswith(b"220 ")
+        await peer.send(b"EHLO client\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+        for _ in range(3):
+            await peer.reply()
+        await peer.send(b"DATA\r\n")
+        assert (await peer.reply()).startswith(b"354")
+        await peer.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert (await peer.reply()).startswith(b"451 4.3.0")
+        await peer.send(b"NOOP\r\n")  # the session goes on
+        assert (await peer.reply()).startswith(b"250")
+        await peer.send(b"QUIT\r\n")
+        assert (await peer.reply()).startswith(b"221")
+
+    assert internal_error_count(server.metrics.registry) == 1
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert len(failures) == 1
+    assert "a bug in the store" in str(failures[0].exc_info[1])  # type: ignore[index]

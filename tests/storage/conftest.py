@@ -22,36 +22,7 @@ import trio
 
 from relate_smtp.storage import AdminStore
 from relate_smtp.storage.sqlite import SqliteStore
-from tests.storage.pg_support import Schema, open_postgres_backend
-
-TABLES = (
-    "Users",
-    "UserEmailAddresses",
-    "SmtpApiKeys",
-    "Emails",
-    "EmailRecipients",
-    "EmailAttachments",
-)
-
-
-class RawAccess(Protocol):
-    async def add_alias(self, user_id: uuid.UUID, address: str, *, verified: bool) -> None: ...
-
-    async def add_legacy_api_key(
-        self, user_id: uuid.UUID, *, key_hash: str, scopes: str
-    ) -> uuid.UUID:
-        """A key row with a null ``KeyPrefix``, as older platform versions wrote them."""
-        ...
-
-    async def oidc_identity(self, user_id: uuid.UUID) -> tuple[str, str]:
-        """``(OidcIssuer, OidcSubject)`` of a user."""
-        ...
-
-    async def count_rows(self, table: str) -> int: ...
-
-    async def email_references(self, email_id: uuid.UUID) -> str | None:
-        """The ``References`` column of one ``Emails`` row, as stored."""
-        ...
+from tests.storage.helpers import TABLES, RawAccess, Schema, open_postgres_backend
 
 
 class Backend(Protocol):

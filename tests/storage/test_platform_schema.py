@@ -20,9 +20,9 @@ import trio
 
 from relate_smtp.storage import SchemaMissing
 from relate_smtp.storage.postgres import open_postgres_store
-from tests.storage.pg_support import TempDatabase, postgres_available, temporary_database
+from tests.storage.helpers import TempDatabase, temporary_database
 
-pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures(postgres_available.__name__)]
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("postgres_available")]
 
 # The platform's migrations (tyevco/relate-smtp, Relate.Smtp.Infrastructure/Migrations)
 # in the order EF applies them, with the EF Core version the platform ships.

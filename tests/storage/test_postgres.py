@@ -1,9 +1,9 @@
-"""PostgreSQL backend: connection strings, schema, platform compatibility, outages.
+"""PostgreSQL backend: schema, platform compatibility, group commit, outages.
 
 What every store must do is in the shared contract suite; this module covers what only
-the PostgreSQL store has: Npgsql/URL connection strings, `db init` against existing
-databases, the platform's EF schema, and behaviour while the server is down or kills
-connections.
+the PostgreSQL store has: `db init` against existing databases, the platform's EF
+schema, and behaviour while the server is down or kills connections. Its connection
+strings are in ``test_connstring.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from relate_smtp.storage.connstring import (
     DEFAULT_MAX_POOL_SIZE,
     PostgresParams,
     parse_connection_string,
-    redacted,
 )
 from relate_smtp.storage.postgres import PostgresStore, open_postgres_store
 from relate_smtp.storage.records import (
@@ -40,172 +39,27 @@ from relate_smtp.storage.records import (
     NewEmail,
     link_recipients,
 )
-from tests.storage.helpers import attachment, bcc, cc, new_email, to
-from tests.storage.pg_support import (
+from tests.storage.helpers import (
     TABLES,
     PostgresTestBackend,
     TempDatabase,
+    attachment,
+    bcc,
+    cc,
+    new_email,
     open_postgres_backend,
-    postgres_available,
     temporary_database,
+    to,
 )
 
 F = TypeVar("F", bound=Callable[..., object])
-
-SECRET = "s3cret;pw'x"
-QUOTED = "'s3cret;pw''x'"  # SECRET as a quoted Npgsql value
-
-# --- connection strings (no server needed) ---------------------------------------------
-
-P = PostgresParams
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (
-            "Host=db.internal;Port=5433;Database=relate;Username=relate;Password=pw",
-            P(host="db.internal", port=5433, database="relate", user="relate", password="pw"),
-        ),
-        # keys are case-insensitive, spaces inside keys don't matter, Npgsql synonyms
-        (
-            "server=db;DB=relate;User Id=u;PWD=pw;SSL Mode=VerifyFull;Minimum Pool Size=2;"
-            "Max Pool Size=7;Timeout=3;Command Timeout=9;Application Name=smtp-a",
-            P(
-                host="db",
-                database="relate",
-                user="u",
-                password="pw",
-                ssl="verify-full",
-                min_pool_size=2,
-                max_pool_size=7,
-                connect_timeout=3.0,
-                command_timeout=9.0,
-                application_name="smtp-a",
-            ),
-        ),
-        ("Host=db;UserId=u", P(host="db", user="u")),
-        ("Host=db;User Name=u", P(host="db", user="u")),
-        ("Host=db;User=u;SslMode=require", P(host="db", user="u", ssl="require")),
-        ("Host=db;SSL Mode=Disable", P(host="db", ssl="disable")),
-        ("Host=db;sslmode=verify-ca", P(host="db", ssl="verify-ca")),
-        # quoting: ';' and '=' inside quotes, doubled quotes, surrounding blanks
-        (
-            "Host = db ; Password=\"a;b=c\"\"d\" ; Username='o''brien';",
-            P(host="db", password='a;b=c"d', user="o'brien"),
-        ),
-        ("Host=db;Password='s3cret;pw''x'", P(host="db", password=SECRET)),
-        # keys Npgsql knows: applied where asyncpg can, else accepted and named
-        (
-            "Host=db;Pooling=true;Include Error Detail=true;Trust Server Certificate=true;"
-            "Keepalive=30;Enlist=false;Max Auto Prepare=20;Connection Idle Lifetime=60",
-            P(
-                host="db",
-                keepalive_idle=30,
-                idle_lifetime=60.0,
-                ignored=("Include Error Detail", "Enlist", "Max Auto Prepare"),
-            ),
-        ),
-        (
-            "Host=db;Timeout=0;Command Timeout=0",
-            P(host="db", connect_timeout=None, command_timeout=None),
-        ),
-        ("Host=db:6543;Database=x", P(host="db", port=6543, database="x")),
-        ("Host=/var/run/postgresql", P(host="/var/run/postgresql")),
-        ("Host=db;Search Path=relate,public", P(host="db", search_path="relate,public")),
-        ("Host=a;Server=b", P(host="b")),  # the last of two synonyms wins, as in Npgsql
-        # URLs
-        (
-            "postgresql://relate:p%40ss%3Bw@db.example:5434/relate_db?sslmode=require"
-            "&application_name=smtp&connect_timeout=4",
-            P(
-                host="db.example",
-                port=5434,
-                user="relate",
-                password="p@ss;w",
-                database="relate_db",
-                ssl="require",
-                application_name="smtp",
-                connect_timeout=4.0,
-            ),
-        ),
-        ("postgres://u@db/relate", P(host="db", user="u", database="relate")),
-        ("POSTGRESQL://[::1]:5432/x", P(host="::1", database="x")),
-        (
-            "postgresql:///relate?host=%2Fvar%2Frun%2Fpostgresql&user=me",
-            P(host="/var/run/postgresql", database="relate", user="me"),
-        ),
-        (
-            "postgresql://db/x?max_pool_size=50&min_pool_size=5&command_timeout=2.5",
-            P(host="db", database="x", max_pool_size=50, min_pool_size=5, command_timeout=2.5),
-        ),
-    ],
-)
-def test_parse_connection_string(text: str, expected: PostgresParams) -> None:
-    assert parse_connection_string(text) == expected
-
-
-def test_defaults_are_npgsqls() -> None:
-    params = parse_connection_string("Host=db")
-
-    assert params.max_pool_size == DEFAULT_MAX_POOL_SIZE == 100
-    assert (params.port, params.min_pool_size, params.ssl) == (5432, 0, None)
-    assert (params.connect_timeout, params.command_timeout) == (15.0, 30.0)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "empty"),
-        ("   ", "empty"),
-        (f"Database=relate;Password={QUOTED}", "Host is required"),
-        (f"Host=db;Databse=relate;Password={QUOTED}", "unknown key 'Databse'"),
-        (f"Host=db;Port=fifty;Password={QUOTED}", "Port must be a whole number"),
-        (f"Host=db;Port=70000;Password={QUOTED}", "Port must be between 1 and 65535"),
-        (f"Host=db;Password={QUOTED};SSL Mode=Sometimes", "SSL Mode must be one of"),
-        ("Host=db;Password='s3cret;pw", "unterminated quoted value for 'Password'"),
-        (f"Host=db;Password={QUOTED} trailing", "unexpected text after the quoted value"),
-        (f"Host=db;Password={QUOTED};Min Pool Size=9;Max Pool Size=3", "exceeds Maximum"),
-        (f"Host=db;Password={QUOTED};Max Pool Size=0", "Max Pool Size must be between"),
-        (f"Host=db;Password={QUOTED};Timeout=-1", "Timeout must be zero or a positive"),
-        (f"Host=db;Password={QUOTED};Pooling=maybe", "Pooling must be true or false"),
-        (f"Host=db1,,db2;Password={QUOTED}", "empty entry"),
-        (f"Host=db;Password={QUOTED};Host", "'Host' has no '=value'"),
-        (f"=x;Password={QUOTED}", "no key"),
-        ("mysql://u:s3cret;pw'x@db/x", "unsupported URL scheme 'mysql'"),
-        ("postgresql://u:s3cret;pw'x@db:notaport/x", "host or port is malformed"),
-        ("postgresql://u:s3cret;pw'x@db/x?frobnicate=1", "unknown URL parameter 'frobnicate'"),
-        ("postgresql://u:s3cret;pw'x@db/x?sslmode=maybe", "sslmode must be one of"),
-        ("postgresql://u:s3cret;pw'x@db/x/y", "just the database name"),
-        ("postgresql://u:s3cret;pw'x@/x", "Host is required"),
-    ],
-)
-def test_bad_connection_strings_say_what_is_wrong_without_the_password(
-    text: str, message: str
-) -> None:
-    with pytest.raises(ValueError, match="connection string") as caught:
-        parse_connection_string(text)
-
-    assert message in str(caught.value)
-    for fragment in ("s3cret", SECRET):
-        assert fragment not in str(caught.value)
-
-
-def test_redacted_hides_the_password() -> None:
-    params = parse_connection_string(f"Host=db;Username=u;Password={QUOTED};Database=r")
-
-    text = redacted(params)
-
-    assert "s3cret" not in text and "s3cret" not in repr(params)
-    assert "host=db" in text and "user=u" in text and "password=***" in text
-
 
 # --- helpers for the database tests ------------------------------------------------------
 
 
 def pg(test: F) -> F:
     """A test that needs the PostgreSQL server (a skip without it, a failure in CI)."""
-    marked: F = pytest.mark.usefixtures(postgres_available.__name__)(pytest.mark.postgres(test))
+    marked: F = pytest.mark.usefixtures("postgres_available")(pytest.mark.postgres(test))
     return marked
 
 

@@ -31,8 +31,7 @@ from relate_smtp.storage.records import (
     RECIPIENT_TO,
     SUBJECT_MAX,
 )
-from tests.storage.conftest import TABLES, RawAccess
-from tests.storage.helpers import attachment, bcc, cc, new_email, to
+from tests.storage.helpers import TABLES, RawAccess, attachment, bcc, cc, new_email, to
 
 
 async def make_user(store: AdminStore, email: str, *aliases: str) -> User:

@@ -8,7 +8,7 @@ import pytest
 
 from relate_smtp.runtime.lifecycle import log_bound
 from relate_smtp.runtime.listeners import BoundListener
-from tests.e2e.ops_support import LISTENING
+from tests.e2e.helpers import LISTENING
 
 
 @pytest.mark.parametrize(
