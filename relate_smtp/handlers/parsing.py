@@ -29,7 +29,14 @@ from relate_smtp.storage.records import NewEmail
 
 log = logging.getLogger("relate_smtp.parsing")
 
-__all__ = ["MessageParser", "ParseLimits", "ParseTooCostly", "SpooledMessage", "message_size"]
+__all__ = [
+    "MessageParser",
+    "ParseLimits",
+    "ParseTooCostly",
+    "SpooledMessage",
+    "limit_this_job",
+    "message_size",
+]
 
 # The wall-clock backstop for a job: its CPU limit times this, plus a start-up allowance
 # (a new worker process imports the parser first). A worker past it is killed.
@@ -136,7 +143,7 @@ def build_within_limits(
     worker gets the same budget for every job. Passing it sends SIGXCPU, which ends the
     process (no core file: RLIMIT_CORE is 0).
     """
-    _limit_this_job(limits)
+    limit_this_job(limits)
     try:
         raw = Path(message.path).read_bytes() if isinstance(message, SpooledMessage) else message
         return build_email(
@@ -150,7 +157,8 @@ def build_within_limits(
         raise ParseTooCostly(f"parse needed more than {limits.memory_bytes} bytes") from None
 
 
-def _limit_this_job(limits: ParseLimits) -> None:
+def limit_this_job(limits: ParseLimits) -> None:
+    """This worker job's CPU and address-space limits (any job of a worker process)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_soft = math.ceil(usage.ru_utime + usage.ru_stime + limits.cpu_seconds)
     _set_soft_limit(resource.RLIMIT_CPU, cpu_soft)

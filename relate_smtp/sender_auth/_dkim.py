@@ -1,12 +1,12 @@
-"""DKIM (RFC 6376) verification of every signature, through dkimpy.
+"""DKIM (RFC 6376) verification of every signature, through dkimpy and OpenSSL.
 
-dkimpy parses signatures, canonicalizes, hashes and verifies rsa-sha256 and, with
-PyNaCl, ed25519-sha256 (RFC 8463). Its verification is split the way its own
-``dkim.asyncsupport`` splits it: ``verify_headerprep`` (parse), a key lookup, then
-``evaluate_pk`` and ``verify_sig_process`` (crypto). The parsing and crypto run in a
-worker thread; the key lookups run on Trio, concurrently, through the cached resolver,
-which lets DNS trouble (``temperror``) be told apart from a missing key (``permerror``),
-a distinction dkimpy's blocking ``verify()`` loses.
+dkimpy parses the message and the signature fields (``verify_headerprep``, the first
+step of its own ``dkim.asyncsupport`` split) and the key records; the key lookups run
+on Trio, concurrently, through the cached resolver, which lets DNS trouble
+(``temperror``) be told apart from a missing key (``permerror``), a distinction
+dkimpy's blocking ``verify()`` loses. The hashes and the signature check are
+``_dkim_crypto``'s (dkimpy's canonicalization, OpenSSL's RSA and Ed25519). A large
+message is parsed and verified in a worker thread.
 
 RFC 8301 is applied on top: rsa-sha1 signatures (§3.1) and RSA keys under 1024 bits
 (§3.2) never pass; they get ``policy`` (RFC 8601 §2.7.1: signed, but not acceptable).
@@ -21,16 +21,16 @@ import attrs
 import dkim
 import trio
 
+from ._dkim_crypto import ALGORITHMS, header_hash, public_key, signature_valid
 from ._domains import normalise
 from ._resolver import DnsTemporaryError, Resolver, txt_strings
 from ._results import DkimOutcome, Result
+from ._settings import NameServer
 
 #: RFC 8301 §3.2: verifiers must not accept RSA keys shorter than this.
 MIN_RSA_BITS = 1024
 #: RFC 8301 §3.1: rsa-sha1 must not be considered valid.
 _SHA1 = b"rsa-sha1"
-#: Signature algorithm → key type it needs (RFC 6376 §3.3, RFC 8463 §3).
-_KEY_TYPES = {b"rsa-sha256": b"rsa", b"rsa-sha1": b"rsa", b"ed25519-sha256": b"ed25519"}
 #: Signatures verified per message; more are reported as ``policy`` unchecked, so a
 #: message cannot make the server do unbounded DNS and crypto work.
 MAX_SIGNATURES = 10
@@ -143,22 +143,21 @@ def verify_signatures(parsed: ParsedMessage) -> tuple[DkimOutcome, ...]:
 
 def _verify_one(verifier: Any, signature: _Signature, outcome: DkimOutcome) -> DkimOutcome:
     fields, include_headers, headers = signature.prep
+    assert signature.key is not None
     try:
-        pk, keysize, ktag, seqtlsrpt = dkim.evaluate_pk(signature.key_name, signature.key)
+        key = public_key(signature.key_name, signature.key)
     except (dkim.DKIMException, ValueError) as exc:
         return attrs.evolve(outcome, result=Result.PERMERROR, reason=f"key: {exc}")
-    if ktag != _KEY_TYPES.get(fields[b"a"]):
+    if key.kind != ALGORITHMS.get(fields[b"a"]):
         return attrs.evolve(outcome, result=Result.PERMERROR, reason="key type mismatch")
-    if ktag == b"rsa" and keysize < MIN_RSA_BITS:
-        return attrs.evolve(outcome, result=Result.POLICY, reason=f"{keysize}-bit key (RFC 8301)")
-    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = (
-        pk,
-        keysize,
-        ktag,
-        seqtlsrpt,
-    )
+    if key.kind == b"rsa" and key.bits < MIN_RSA_BITS:
+        return attrs.evolve(outcome, result=Result.POLICY, reason=f"{key.bits}-bit key (RFC 8301)")
+    if key.tlsrpt:
+        reason = "key is for TLS reports only (s=tlsrpt)"
+        return attrs.evolve(outcome, result=Result.FAIL, reason=reason)
     try:
-        valid = verifier.verify_sig_process(fields, include_headers, headers[signature.index], None)
+        digest = header_hash(verifier, fields, include_headers, headers[signature.index])
+        valid = signature_valid(key, fields, digest)
     except dkim.DKIMException as exc:
         return attrs.evolve(outcome, result=Result.FAIL, reason=str(exc))
     if not valid:
@@ -166,12 +165,47 @@ def _verify_one(verifier: Any, signature: _Signature, outcome: DkimOutcome) -> D
     return attrs.evolve(outcome, result=Result.PASS, reason="")
 
 
+def verify_standalone(
+    message: bytes, dns_servers: tuple[NameServer, ...], dns_timeout: float
+) -> tuple[tuple[DkimOutcome, ...], tuple[str, ...]]:
+    """Every signature of ``message`` and its From values, in a process of its own.
+
+    For a large message, run in a worker process: parsing and canonicalization then
+    cost that process's memory and CPU, not the server's. It looks its keys up with a
+    resolver of its own (no shared cache: large messages are few). A message too big
+    for the process's memory limit gets ``temperror`` for its signatures.
+    """
+    try:
+        parsed = parse_message(message)
+    except MemoryError:
+        return (DkimOutcome(result=Result.TEMPERROR, reason="message too large to verify"),), ()
+
+    async def verify() -> tuple[DkimOutcome, ...]:
+        resolver = Resolver.create(dns_servers, timeout=dns_timeout)
+        return await check_dkim(resolver, trio.CapacityLimiter(1), parsed, inline=True)
+
+    try:
+        return trio.run(verify), parsed.from_values
+    except MemoryError:
+        return (DkimOutcome(result=Result.TEMPERROR, reason="message too large to verify"),), ()
+
+
 async def check_dkim(
-    resolver: Resolver, limiter: trio.CapacityLimiter, parsed: ParsedMessage
+    resolver: Resolver,
+    limiter: trio.CapacityLimiter,
+    parsed: ParsedMessage,
+    *,
+    inline: bool = False,
 ) -> tuple[DkimOutcome, ...]:
-    """Verify every signature of an already parsed message."""
-    async with trio.open_nursery() as nursery:
-        for signature in parsed.signatures:
-            if signature.key_name:
+    """Verify every signature of an already parsed message (``inline``: on the event
+    loop, for a small message; else in a worker thread)."""
+    wanted = [signature for signature in parsed.signatures if signature.key_name]
+    if len(wanted) == 1:
+        await fetch_key(resolver, wanted[0])  # the common case, without a nursery
+    elif wanted:
+        async with trio.open_nursery() as nursery:
+            for signature in wanted:
                 nursery.start_soon(fetch_key, resolver, signature)
+    if inline:
+        return verify_signatures(parsed)
     return await trio.to_thread.run_sync(verify_signatures, parsed, limiter=limiter)

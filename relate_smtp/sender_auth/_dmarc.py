@@ -18,6 +18,7 @@ Two rules are added around it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import attrs
@@ -26,6 +27,10 @@ import dmarc
 from ._domains import organizational_domain
 from ._resolver import DnsAnswer, DnsTemporaryError, Resolver, txt_strings
 from ._results import Disposition, DkimOutcome, DmarcOutcome, Result, SpfOutcome
+
+#: Evaluations kept by their inputs (record, aligned-candidate domains): the same sender
+#: passes the same way message after message.
+JUDGEMENTS_CACHED = 1024
 
 _LOWER = {
     Disposition.REJECT: Disposition.QUARANTINE,
@@ -63,29 +68,56 @@ def _dmarc_records(answer: DnsAnswer) -> list[str]:
     return records
 
 
+def _candidates(domain: str) -> list[str]:
+    """§6.6.3: the From domain, then its organizational domain."""
+    org = organizational_domain(domain)
+    return [domain, org] if org is not None and org != domain else [domain]
+
+
+def _record_at(domain: str, candidate: str, answer: DnsAnswer) -> PolicyRecord | None:
+    """What ``_dmarc.<candidate>`` says; None: no DMARC record there, look further."""
+    records = _dmarc_records(answer)
+    if len(records) > 1:
+        # §6.6.3 step 5: more than one record means no DMARC processing.
+        return PolicyRecord(
+            domain=domain,
+            record_domain=candidate,
+            problem=Result.PERMERROR,
+            reason="several DMARC records",
+        )
+    if records:
+        return PolicyRecord(domain=domain, record=records[0], record_domain=candidate)
+    return None
+
+
+def _none_found(domain: str) -> PolicyRecord:
+    return PolicyRecord(domain=domain, reason="no DMARC record")
+
+
+def discover_cached(resolver: Resolver, domain: str) -> PolicyRecord | None:
+    """``discover`` from cached answers only, on the event loop; None when one of the
+    lookups it needs is not cached."""
+    for candidate in _candidates(domain):
+        answer = resolver.cached(f"_dmarc.{candidate}", "TXT")
+        if answer is None:
+            return None
+        found = _record_at(domain, candidate, answer)
+        if found is not None:
+            return found
+    return _none_found(domain)
+
+
 async def discover(resolver: Resolver, domain: str) -> PolicyRecord:
     """§6.6.3: the record at the From domain, else at its organizational domain."""
-    candidates = [domain]
-    org = organizational_domain(domain)
-    if org is not None and org != domain:
-        candidates.append(org)
-    for candidate in candidates:
+    for candidate in _candidates(domain):
         try:
             answer = await resolver.lookup(f"_dmarc.{candidate}", "TXT")
         except DnsTemporaryError as exc:
             return PolicyRecord(domain=domain, problem=Result.TEMPERROR, reason=str(exc))
-        records = _dmarc_records(answer)
-        if len(records) > 1:
-            # §6.6.3 step 5: more than one record means no DMARC processing.
-            return PolicyRecord(
-                domain=domain,
-                record_domain=candidate,
-                problem=Result.PERMERROR,
-                reason="several DMARC records",
-            )
-        if records:
-            return PolicyRecord(domain=domain, record=records[0], record_domain=candidate)
-    return PolicyRecord(domain=domain, reason="no DMARC record")
+        found = _record_at(domain, candidate, answer)
+        if found is not None:
+            return found
+    return _none_found(domain)
 
 
 class _OrgDomains:
@@ -116,6 +148,29 @@ def evaluate(
             record_domain=found.record_domain,
             reason=found.reason,
         )
+    spf_domain = None
+    if spf is not None and spf.result is Result.PASS and _usable(spf.domain):
+        spf_domain = spf.domain
+    dkim_domains = tuple(
+        outcome.domain
+        for outcome in dkim
+        if outcome.result is Result.PASS and _usable(outcome.domain)
+    )
+    judged, pct = _judge(found, spf_domain, dkim_domains)
+    if judged.result is not Result.FAIL or judged.disposition is Disposition.NONE:
+        return judged
+    if random() * 100 < pct:
+        return judged
+    return attrs.evolve(judged, disposition=_LOWER[judged.disposition], sampled_out=True)
+
+
+@functools.lru_cache(maxsize=JUDGEMENTS_CACHED)
+def _judge(
+    found: PolicyRecord, spf_domain: str | None, dkim_domains: tuple[str, ...]
+) -> tuple[DmarcOutcome, int]:
+    """The record's parse, alignment and policy choice: everything but the ``pct``
+    sample, which is drawn for each message; a failure comes with its ``pct``."""
+    assert found.record is not None
     try:
         policy = dmarc.DMARCPolicy(
             record=found.record,
@@ -126,26 +181,18 @@ def evaluate(
         )
     except dmarc.Error as exc:
         # §6.6.3 step 6: a record without a valid p= means no DMARC processing.
-        return DmarcOutcome(
+        error = DmarcOutcome(
             result=Result.PERMERROR,
             domain=found.domain,
             record_domain=found.record_domain,
             reason=f"bad DMARC record: {exc}",
         )
-    results: list[dmarc.AuthResult] = []
-    if spf is not None and spf.result is Result.PASS and _usable(spf.domain):
-        results.append(dmarc.SPF(spf.domain, dmarc.SPFResult.PASS))
-    results.extend(
-        dmarc.DKIM(outcome.domain, dmarc.DKIMResult.PASS)
-        for outcome in dkim
-        if outcome.result is Result.PASS and _usable(outcome.domain)
-    )
-    spf_results = [r for r in results if isinstance(r, dmarc.SPF)]
+        return error, 0
     evaluated = policy.dmarc.get_result(
         policy.policy,
         auth_results=dmarc.AuthResults(
-            spf=spf_results[0] if spf_results else None,
-            dkim=[r for r in results if isinstance(r, dmarc.DKIM)] or None,
+            spf=dmarc.SPF(spf_domain, dmarc.SPFResult.PASS) if spf_domain else None,
+            dkim=[dmarc.DKIM(d, dmarc.DKIMResult.PASS) for d in dkim_domains] or None,
         ),
     )
     published = Disposition(
@@ -154,23 +201,19 @@ def evaluate(
         ).value
     )
     if evaluated.result is dmarc.DMARCResult.PASS:
-        return DmarcOutcome(
+        passed = DmarcOutcome(
             result=Result.PASS,
             domain=found.domain,
             record_domain=found.record_domain,
             published=published,
         )
-    disposition = Disposition(evaluated.disposition.value)
-    pct = max(0, min(100, policy.policy.pct))
-    sampled_out = disposition is not Disposition.NONE and not random() * 100 < pct
-    if sampled_out:
-        disposition = _LOWER[disposition]
-    return DmarcOutcome(
+        return passed, 100
+    failed = DmarcOutcome(
         result=Result.FAIL,
         domain=found.domain,
         record_domain=found.record_domain,
         published=published,
-        disposition=disposition,
-        sampled_out=sampled_out,
+        disposition=Disposition(evaluated.disposition.value),
         reason=f"no aligned SPF or DKIM pass for {found.domain}",
     )
+    return failed, max(0, min(100, policy.policy.pct))

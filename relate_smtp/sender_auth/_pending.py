@@ -40,13 +40,25 @@ class Pending(Generic[T]):
         finally:
             self._done.set()
 
+    @classmethod
+    def resolved(cls, value: T) -> Pending[T]:
+        """A result known already: no task, nothing to wait for."""
+        pending = cls.__new__(cls)
+        pending._scope = trio.CancelScope()
+        pending._done = trio.Event()
+        pending._done.set()
+        pending._outcome = outcome.Value(value)
+        return pending
+
     def cancel(self) -> None:
         """Stop the work; nothing is raised anywhere."""
-        self._scope.cancel()
+        if self._outcome is None:
+            self._scope.cancel()
 
     async def result(self) -> T:
         """The value, waiting for it if needed; recomputed here if it was cancelled."""
-        await self._done.wait()
+        if self._outcome is None:
+            await self._done.wait()
         if self._outcome is None:
             return await self._fn()
         return self._outcome.unwrap()

@@ -8,10 +8,16 @@ only chooses the properties: ``smtp.mailfrom``/``smtp.helo`` for SPF (§2.7.2),
 
 from __future__ import annotations
 
+import functools
+
 import authres
 import authres.dmarc
 
 from ._results import DkimOutcome, DmarcOutcome, SpfOutcome
+
+#: Rendered fields kept by their (immutable) outcomes: mail from one sender gets the same
+#: results message after message, and rendering costs tens of microseconds.
+FIELDS_CACHED = 1024
 
 
 def _reason(text: str) -> str | None:
@@ -48,13 +54,17 @@ def _dmarc(outcome: DmarcOutcome) -> object:
     )
 
 
+@functools.lru_cache(maxsize=FIELDS_CACHED)
 def authentication_results(
     authserv_id: str,
     spf: SpfOutcome | None,
     dkim: tuple[DkimOutcome, ...],
     dmarc: tuple[DmarcOutcome, ...],
 ) -> str:
-    """``Authentication-Results: <authserv-id>; spf=…; dkim=…; dmarc=…`` (one line)."""
+    """``Authentication-Results: <authserv-id>; spf=…; dkim=…; dmarc=…`` (one line).
+
+    The arguments are frozen records, so equal outcomes share one rendering.
+    """
     results: list[object] = []
     if spf is not None:
         results.append(_spf(spf))

@@ -12,18 +12,25 @@ a refusal.
 
 from __future__ import annotations
 
+import functools
+import math
+import time
+
 import attrs
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import trio
 from dns.rdtypes.txtbase import TXTBase
 
 from ._settings import NameServer
+from ._ttlcache import TtlCache
 
 #: A few thousand answers cover the senders of a busy MX between TTL expiries while
 #: bounding memory (each entry is one small DNS message).
@@ -42,6 +49,9 @@ class DnsAnswer:
 
     records: tuple[dns.rdata.Rdata, ...]
     nxdomain: bool = False
+    #: When the answer's TTL runs out (``time.time()`` clock, as dnspython's cache);
+    #: what is derived from it is good until then. A malformed name never expires.
+    expires: float = math.inf
 
 
 class Resolver:
@@ -55,6 +65,7 @@ class Resolver:
     ) -> None:
         self._resolver = resolver
         self._timeout = timeout
+        self._answers: TtlCache[tuple[str, str], DnsAnswer] = TtlCache(CACHE_ENTRIES)
 
     @classmethod
     def create(
@@ -75,12 +86,48 @@ class Resolver:
         resolver.timeout = min(timeout, RETRANSMIT_SECONDS)
         return cls(resolver, timeout=timeout)
 
+    def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """The answer the cache holds now (within its TTL), else None; no I/O.
+
+        Most mail comes from senders seen minutes ago: their answers are here, and
+        reading them directly skips a resolution's machinery, or a thread hop for SPF.
+        The keys are dnspython's own (its NXDOMAIN answers are kept under type ANY). An
+        answer read once is also kept by the text of its name until it expires, which
+        spares hashing a ``dns.name.Name`` (label by label) on every read.
+        """
+        known = self._answers.get((name, rdtype))
+        if known is not None:
+            return known
+        qname = _qname(name)
+        if qname is None:
+            return DnsAnswer(records=(), nxdomain=True)
+        found = self._from_cache(qname, rdtype)
+        if found is not None:
+            self._answers.put((name, rdtype), found, found.expires)
+        return found
+
+    def _from_cache(self, qname: dns.name.Name, rdtype: str) -> DnsAnswer | None:
+        cache = self._resolver.cache
+        if cache is None:
+            return None
+        answer = cache.get((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
+        if answer is not None:
+            records = tuple(answer.rrset) if answer.rrset is not None else ()
+            return DnsAnswer(records=records, expires=answer.expiration)
+        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+            return DnsAnswer(records=(), nxdomain=True, expires=negative.expiration)
+        return None
+
     async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
         """Answer for ``name``/``rdtype``; raise ``DnsTemporaryError`` on DNS trouble.
 
         A malformed name cannot exist in the DNS, so it is answered as NXDOMAIN
         (RFC 7208 §4.3 treats it the same way).
         """
+        known = self.cached(name, rdtype)
+        if known is not None:
+            return known
         try:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException:
@@ -92,16 +139,22 @@ class Resolver:
                 answer = await self._resolver.resolve(
                     qname, rdtype, raise_on_no_answer=False, search=False
                 )
-            except dns.resolver.NXDOMAIN:
-                return DnsAnswer(records=(), nxdomain=True)
-            except dns.resolver.YXDOMAIN:
-                return DnsAnswer(records=(), nxdomain=True)
+            except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+                return DnsAnswer(records=(), nxdomain=True, expires=time.time())
             except (dns.exception.DNSException, OSError) as exc:
                 raise DnsTemporaryError(f"{name}/{rdtype}: {exc}") from exc
-            if answer.rrset is None:
-                return DnsAnswer(records=())
-            return DnsAnswer(records=tuple(answer.rrset))
+            records = tuple(answer.rrset) if answer.rrset is not None else ()
+            return DnsAnswer(records=records, expires=answer.expiration)
         raise DnsTemporaryError(f"{name}/{rdtype}: no answer within {self._timeout:g}s")
+
+
+@functools.lru_cache(maxsize=CACHE_ENTRIES)
+def _qname(name: str) -> dns.name.Name | None:
+    """The absolute name (None if malformed), parsed once per distinct name."""
+    try:
+        return dns.name.from_text(name)
+    except dns.exception.DNSException:
+        return None
 
 
 def txt_strings(answer: DnsAnswer) -> tuple[bytes, ...]:
