@@ -18,6 +18,7 @@ from relate_smtp.addresses import client_group, in_networks
 from relate_smtp.config import IPNetwork, SmtpSettings
 
 DEFAULT_IPV6_PREFIX_LENGTH = SmtpSettings().client_ipv6_prefix_length
+_GROUP_CACHE = 4096  # addresses remembered; forgotten all at once when full
 
 
 class ConnectionLimiter:
@@ -37,6 +38,9 @@ class ConnectionLimiter:
         self._ipv6_prefix_length = ipv6_prefix_length
         self._total = 0
         self._per_group: dict[str, int] = {}
+        # Each session asks twice (acquire, release) and clients come back: parsing the
+        # address and matching the exempt networks once per address is enough.
+        self._groups: dict[str, str | None] = {}
 
     @property
     def total(self) -> int:
@@ -67,6 +71,14 @@ class ConnectionLimiter:
 
     def _group(self, ip: str) -> str | None:
         """The group ``ip`` counts in, or None for an exempt address (never counted)."""
-        if in_networks(ip, self._exempt):
-            return None
-        return client_group(ip, self._ipv6_prefix_length)
+        try:
+            return self._groups[ip]
+        except KeyError:
+            pass
+        group = (
+            None if in_networks(ip, self._exempt) else client_group(ip, self._ipv6_prefix_length)
+        )
+        if len(self._groups) >= _GROUP_CACHE:
+            self._groups.clear()
+        self._groups[ip] = group
+        return group

@@ -23,6 +23,7 @@ from relate_smtp.handlers.lastused import LastUsedUpdater
 from relate_smtp.handlers.notify import Notifier
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import TOO_MANY_CONNECTIONS
+from relate_smtp.runtime.accept import serve_socket
 from relate_smtp.runtime.checks import HealthCheck
 from relate_smtp.runtime.health import start_health_server
 from relate_smtp.runtime.lifecycle import lifecycle, log_bound, log_start
@@ -45,6 +46,9 @@ log = logging.getLogger("relate_smtp.server")
 
 HealthChecks = Callable[[int], Sequence[HealthCheck]]
 """The /healthz checks, given the submission port the ``smtp`` check connects to."""
+
+# The same few clients connect again and again: parse each address once.
+_plain_address = functools.lru_cache(maxsize=4096)(plain_address)
 
 # Background queues get at least this long to drain, even when messages in flight used
 # up the shutdown budget.
@@ -134,18 +138,9 @@ class Server:
                         else:
                             own = list(sockets.get(listener.kind, ()))
                         bound.extend(describe(listener, own))
-                        trio_listeners = [
-                            trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                            for sock in own
-                        ]
-                        listening.start_soon(
-                            functools.partial(
-                                trio.serve_listeners,
-                                functools.partial(self._handle, listener),
-                                trio_listeners,
-                                handler_nursery=handlers,
-                            )
-                        )
+                        handle = functools.partial(self._handle, listener)
+                        for sock in own:
+                            listening.start_soon(serve_socket, sock, handle, handlers)
                     if health:
                         bound.extend(
                             await start_health_server(
@@ -180,7 +175,7 @@ class Server:
         except OSError:
             await trio.aclose_forcefully(socket_stream)
             return
-        client = (plain_address(str(peer[0])), int(peer[1]))
+        client = (_plain_address(str(peer[0])), int(peer[1]))
         stream: trio.abc.Stream = socket_stream
         if listener.proxy_protocol:
             # Tracked so that shutdown can interrupt a peer that never sends its header.

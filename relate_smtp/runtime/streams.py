@@ -3,6 +3,9 @@ without losing the final reply."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import trio
 
 # How long and how much input a closing session drops after its final reply (linger).
@@ -50,7 +53,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self._inner.aclose()
 
 
-async def linger(stream: trio.abc.Stream) -> None:
+async def linger(stream: trio.abc.Stream, *, after_quit: bool = False) -> None:
     """Shut our write side, then read and drop input briefly before the close.
 
     A peer still sending (pipelined commands past a 421 for too many errors, or into a
@@ -59,11 +62,21 @@ async def linger(stream: trio.abc.Stream) -> None:
     it. The FIN after the reply lets it read the reply and stop; the drain is bounded in
     time and bytes, so a peer that never stops costs at most that (a lingering close,
     as web servers do). Under TLS the TCP stream is shut directly: the reply is already
-    out, and SMTP's own framing makes a missing close_notify harmless.
+    out, and SMTP's own framing makes a missing close_notify harmless. ``after_quit``
+    (the 221 to QUIT was the last reply): on a plain socket with no input waiting, the
+    close follows at once, since the peer has nothing more to send.
     """
     transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     if not isinstance(transport, trio.abc.HalfCloseableStream):
         return
+    if after_quit and isinstance(transport, trio.SocketStream):
+        # RFC 5321 §4.1.1.10: after QUIT the peer sends nothing more. When nothing
+        # arrived, the close sends a FIN, not a reset: no need to wait for the peer's.
+        try:
+            if not os.read(transport.socket.fileno(), _LINGER_READ):
+                return
+        except OSError:  # BlockingIOError: nothing arrived; others: the peer is gone
+            return
     with trio.move_on_after(_LINGER_SECONDS):
         try:
             await transport.send_eof()
@@ -75,6 +88,35 @@ async def linger(stream: trio.abc.Stream) -> None:
                 drained += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+async def receive_plain(fd: int, max_bytes: int) -> bytes:
+    """``SocketStream.receive_some`` on a plain TCP socket's descriptor, with its
+    checkpoints and errors, without its layers of context managers (a read per command)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = os.read(fd, max_bytes)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 async def close_now(stream: trio.abc.Stream) -> None:

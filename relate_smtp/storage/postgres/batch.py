@@ -1,10 +1,10 @@
 """A whole group-commit batch in ONE PostgreSQL statement.
 
-The bridge is the expensive part: trio-asyncio's emulated loop costs about a millisecond
-of CPU per message when every save crosses into asyncio on its own (0.4x the throughput
-of plain asyncio). So a batch crosses once and is stored by :data:`SAVE_BATCH`, CTEs
-over ``unnest`` arrays that resolve the recipients' users and the threads and insert
-every row, which PostgreSQL commits atomically with one WAL flush.
+The bridge is the expensive part: crossing into asyncio once per save cost about a
+millisecond of CPU per message (0.4x the throughput of plain asyncio) under
+trio-asyncio. So a batch crosses once and is stored by :data:`SAVE_BATCH`, CTEs over
+``unnest`` arrays that resolve the recipients' users and the threads and insert every
+row, which PostgreSQL commits atomically with one WAL flush.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The PostgreSQL store: the platform's own database, through asyncpg in a
-trio-asyncio loop (:mod:`.bridge`).
+"""The PostgreSQL store: the platform's own database, through asyncpg in an
+asyncio loop of its own thread (:mod:`.bridge`).
 
 Availability (SPEC §10): the pool is created with no connection opened (asyncpg's
 ``init_size=0``), so the server starts while PostgreSQL is down. Each call acquires a
@@ -70,7 +70,7 @@ class _Sent:
 class PostgresStore(AccountWrites):
     """:class:`~relate_smtp.storage.AdminStore` on PostgreSQL.
 
-    Made by :func:`open_postgres_store`, which owns the trio-asyncio loop the methods
+    Made by :func:`open_postgres_store`, which owns the asyncio loop the methods
     run in; the methods may be called from any Trio task while that context is open.
     """
 
@@ -330,10 +330,9 @@ async def open_postgres_store(
     ``connection`` is parsed parameters or ``ConnectionStrings:DefaultConnection`` itself
     (a bad string raises :class:`ValueError` before anything is opened).
 
-    Runs the process's trio-asyncio loop for that duration (or joins the one already
-    open in this task, so the loop is never doubled), creates the connection pool
-    without connecting, and closes them on exit. Never raises because the database is
-    down: calls raise :class:`StoreUnavailable` until it is back. Call
+    Runs the store's asyncio loop in a thread for that duration, creates the
+    connection pool without connecting, and closes them on exit. Never raises because
+    the database is down: calls raise :class:`StoreUnavailable` until it is back. Call
     :meth:`PostgresStore.check_schema` at start-up to refuse a database without tables.
 
     Methods may be called from any Trio task while the block is open, including tasks
