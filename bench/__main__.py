@@ -19,11 +19,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import report, servers
+from bench import report, sender_auth, servers
 from bench.scenarios import SCENARIOS, Measurement, Scenario, Target, measure, select
 
 DEFAULT_KEY = "bench-api-key-0123456789abcdef"
@@ -37,6 +37,7 @@ class Variant:
     store: servers.Store = "discard"
     workers: int | None = None
     idle: bool = False  # the idle-connections scenario
+    sender_auth: servers.SenderAuth | None = None  # on the MX listener, in this mode
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Contender:
         if not self.configurable:
             return Variant(scenario.auth, idle=scenario.kind == "idle")
         workers = None if one_worker else (scenario.workers or self.workers)
-        return Variant(scenario.auth, scenario.store, workers)
+        return Variant(scenario.auth, scenario.store, workers, sender_auth=scenario.sender_auth)
 
     def target(self, variant: Variant) -> Target | None:
         if self.external is not None:
@@ -127,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--servers",
-        default="aiosmtpd,relate-smtp,smtp-sink",
-        help="columns, in order (default: %(default)s; smtp-sink only where installed)",
+        default="aiosmtpd,relate-smtp,trio-bare,smtp-sink",
+        help="columns, in order (default: %(default)s; smtp-sink only where installed; "
+        "trio-bare is bench/bare_trio.py, the room Trio leaves)",
     )
     parser.add_argument(
         "--external",
@@ -139,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeat",
         type=int,
-        default=1,
+        default=5,
         metavar="N",
-        help="run each scenario N times, servers alternating; keep the median run",
+        help="run each scenario N times, servers alternating; keep the median run "
+        "(default: %(default)s, so that one noisy round cannot carry a conclusion)",
     )
     parser.add_argument("--no-micro", action="store_true", help="skip the per-module figures")
     parser.add_argument(
@@ -164,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _contenders(
-    args: argparse.Namespace, workdir: Path, postgres: servers.PostgresDatabase | None
+    args: argparse.Namespace,
+    workdir: Path,
+    postgres: servers.PostgresDatabase | None,
+    dns_port: int = 0,
 ) -> list[Contender]:
     wanted = [name.strip() for name in args.servers.split(",") if name.strip()]
     found: list[Contender] = []
@@ -182,6 +188,8 @@ def _contenders(
                         workers=v.workers,
                         store=v.store,
                         postgres=postgres,
+                        sender_auth=v.sender_auth,
+                        dns_port=dns_port,
                     ),
                     start=servers.start_relate,
                     unavailable=f"relate-smtp cannot start: {reason}" if reason else "",
@@ -189,6 +197,9 @@ def _contenders(
                     workers=args.workers,
                 )
             )
+        elif name == "trio-bare":
+            # No AUTH: it answers any command with a canned reply.
+            found.append(Contender(name, lambda v: None if v.auth else servers.bare_trio(workdir)))
         elif name == "smtp-sink" and servers.smtp_sink_path():
             found.append(
                 # No AUTH in smtp-sink; and its process runs out of descriptors long
@@ -272,7 +283,9 @@ def _median(scenario: Scenario, measured: list[Measurement]) -> Measurement:
     if not ok:
         return measured[0]
     ok.sort(key=lambda m: headline(m) or 0.0)
-    return ok[(len(ok) - 1) // 2]
+    chosen = ok[(len(ok) - 1) // 2]
+    chosen.rounds = ok
+    return chosen
 
 
 def _micro() -> list[str]:
@@ -358,10 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = select(args.only)
     workdir = servers.temp_workdir()
     postgres = servers.PostgresDatabase()
-    contenders = _contenders(args, workdir, postgres)
+    dns = servers.DnsProcess(workdir)
+    failures: list[str] = []
+    dns_port = 0
+    if any(s.sender_auth for s in chosen):
+        try:
+            dns_port = dns.start(sender_auth.records())
+        except (servers.ServerError, OSError) as exc:
+            failures.append(f"MX scenarios: {exc}")
+    contenders = _contenders(args, workdir, postgres, dns_port)
     names = [c.name for c in contenders]
     results: dict[tuple[str, str], Measurement] = {}
-    failures: list[str] = []
     started = time.monotonic()
     print(f"machine: {report.machine()}", file=sys.stderr)
     try:
@@ -383,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for contender in contenders:
             contender.stop()
+        dns.stop()
         if postgres.created:
             try:
                 postgres.drop()
@@ -416,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for section in (
         report.stored_table(chosen, results),
         report.workers_table(chosen, results),
+        report.sender_auth_table(chosen, results),
     ):
         if section:
             print()
@@ -515,7 +537,15 @@ def _print_notes(
 
 
 def _jsonable(m: Measurement) -> dict[str, Any]:
-    data = asdict(m)
+    # The rounds hold the median run itself: only their headline figures go out.
+    data = asdict(replace(m, rounds=[]))
+    data["rounds"] = [
+        {
+            "msgs_per_s": r.result.msgs_per_s if r.result else None,
+            "server_us_per_msg": r.server_us_per_msg,
+        }
+        for r in m.rounds
+    ]
     if m.result is not None:
         data["result"].pop("latencies_ns", None)
         data["result"].update(

@@ -323,7 +323,8 @@ async def _prepare(con: asyncpg.Connection) -> None:
 
 async def _reset(con: asyncpg.Connection) -> None:
     """Empty the mail tables and flush dirty pages, so each measurement starts alike."""
-    await con.execute('TRUNCATE "Emails", "EmailRecipients", "EmailAttachments"')
+    # CASCADE: tables added later (labels) refer to e-mails too.
+    await con.execute('TRUNCATE "Emails", "EmailRecipients", "EmailAttachments" CASCADE')
     with suppress(asyncpg.InsufficientPrivilegeError):
         await con.execute("CHECKPOINT")
 

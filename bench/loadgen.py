@@ -22,7 +22,7 @@ import resource
 import select
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 KIB = 1024
@@ -51,6 +51,8 @@ class LoadSpec:
     sender: str = "bench-sender@example.com"
     recipient: str = "bench-rcpt@example.org"
     helo: str = "loadgen.example.com"
+    #: Applied once to the message (e.g. a DKIM signature); every send is those bytes.
+    sign: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -118,7 +120,10 @@ def make_message(size: int, sender: str, recipient: str) -> bytes:
 
 def build_script(spec: LoadSpec) -> tuple[Step, ...]:
     """The steps of one connection, all bytes precomputed."""
-    message = make_message(spec.message_size, spec.sender, spec.recipient) + b".\r\n"
+    message = make_message(spec.message_size, spec.sender, spec.recipient)
+    if spec.sign is not None:
+        message = spec.sign(message)
+    message += b".\r\n"
     mail = f"MAIL FROM:<{spec.sender}>\r\n".encode()
     rcpt = f"RCPT TO:<{spec.recipient}>\r\n".encode()
     data = b"DATA\r\n"

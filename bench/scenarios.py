@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bench import servers
+from bench import sender_auth, servers
 from bench.loadgen import KIB, MIB, IdleConnections, LoadSpec, Result, run_load
 
-Kind = Literal["load", "idle", "peak"]
+Kind = Literal["load", "idle", "peak", "source"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,21 @@ class Scenario:
     store: servers.Store = "discard"  # relate-smtp's store; the other servers discard
     workers: int | None = None  # relate-smtp serve --workers (None: the --workers option)
     versus_one_worker: bool = False  # also measure relate-smtp with one process, paired
+    # relate-smtp measured on its MX listener with the sender checks in this mode
+    sender_auth: servers.SenderAuth | None = None
+    source_messages: int = 4000  # kind "source": smtp-source -m (its -s is connections)
 
     @property
     def full_path(self) -> bool:
         """relate-smtp parses and stores each message (no ``Storage:DiscardMessages``)."""
         return self.store != "discard"
 
+
+#: MX mail as the sender-authentication scenarios send it: SPF-authorised, DKIM-signed
+#: (about 2.5 KiB with the signature), from a domain publishing ``p=reject``.
+MX_SPEC = LoadSpec(
+    sender=sender_auth.SENDER, recipient=sender_auth.RECIPIENT, sign=sender_auth.sign
+)
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("c1", "2 KiB, 1 conn, 1 msg/conn", "load", 1),
@@ -79,12 +91,34 @@ SCENARIOS: tuple[Scenario, ...] = (
         warmup=0.0,
         total_messages=100,
     ),
+    Scenario("src10", "2 KiB, smtp-source -s 10 (HELO, no pipelining, 1 msg/conn)", "source", 10),
+    Scenario(
+        "src100", "2 KiB, smtp-source -s 100 (HELO, no pipelining, 1 msg/conn)", "source", 100
+    ),
     Scenario("auth", "2 KiB, 10 conns, AUTH PLAIN each (warm)", "load", 10, auth=True),
     Scenario("idle", "2,000 idle conns after EHLO", "idle", 0, fresh_server=True),
     Scenario("sqlite1", "2 KiB, 1 conn, stored in SQLite", "load", 1, store="sqlite"),
     Scenario("sqlite20", "2 KiB, 20 conns, stored in SQLite", "load", 20, store="sqlite"),
     Scenario("pg1", "2 KiB, 1 conn, stored in PostgreSQL", "load", 1, store="postgres"),
     Scenario("pg20", "2 KiB, 20 conns, stored in PostgreSQL", "load", 20, store="postgres"),
+    Scenario(
+        "mx20",
+        "2 KiB signed, 20 conns, MX stored in SQLite, SPF/DKIM/DMARC observe",
+        "load",
+        20,
+        MX_SPEC,
+        store="sqlite",
+        sender_auth="observe",
+    ),
+    Scenario(
+        "mx20off",
+        "2 KiB signed, 20 conns, MX stored in SQLite, sender auth off",
+        "load",
+        20,
+        MX_SPEC,
+        store="sqlite",
+        sender_auth="off",
+    ),
     Scenario(
         "workers2",
         "2 KiB, 100 conns, 1 msg/conn, --workers 2",
@@ -111,6 +145,12 @@ class Measurement:
     accepted: int | None = None  # 250s to DATA, warm-up included (full path)
     stored: int | None = None  # e-mails the store gained meanwhile (full path)
     one_worker: Measurement | None = None  # the paired single-process run (workers)
+    rounds: list[Measurement] = field(default_factory=list)  # every round, when repeated
+
+    def median_of(self, get: Callable[[Measurement], float | None]) -> float | None:
+        """The median of ``get`` over the rounds (this run alone when not repeated)."""
+        values = [v for m in (self.rounds or [self]) if (v := get(m)) is not None]
+        return statistics.median(values) if values else None
 
     @property
     def server_us_per_msg(self) -> float | None:
@@ -179,6 +219,8 @@ def measure(
     out = Measurement()
     if scenario.kind == "idle":
         return _idle(target, scenario, out)
+    if scenario.kind == "source":
+        return _source(target, scenario, out)
     spec = _spec(scenario, auth)
     stored0 = count_stored() if count_stored else 0
     warm = _warm_up(target, scenario, spec, quick)
@@ -197,6 +239,43 @@ def measure(
         out.background_cpu_s = max(0.0, busy - out.server_cpu_s - result.cpu_s)
         if scenario.kind == "peak":
             out.peak_rss_mib = servers.peak_rss_kib(pid) / 1024
+    return out
+
+
+def _run_source(target: Target, sessions: int, messages: int) -> Result:
+    """One run of Postfix's smtp-source: ``messages`` of 2 KiB, ``sessions`` at a time,
+    one message per session (HELO, one command per round trip)."""
+    path = servers.smtp_source_path()
+    if path is None:
+        raise servers.ServerError("smtp-source (Postfix) is not installed")
+    argv = [path, "-s", str(sessions), "-m", str(messages), "-l", "2048"]
+    argv += ["-f", "bench@example.com", "-t", "rcpt@example.com"]
+    argv.append(f"{target.host}:{target.port}")
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+    result = Result(message_size=2048, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime)
+    if process.returncode != 0:
+        result.note_error(f"smtp-source exited {process.returncode}: {output.strip()[-200:]}")
+    else:
+        result.messages = result.connections = messages
+    return result
+
+
+def _source(target: Target, scenario: Scenario, out: Measurement) -> Measurement:
+    pid = target.pid
+    _run_source(target, scenario.connections, max(200, scenario.source_messages // 10))
+    cpu0 = servers.cpu_seconds(pid) if pid else None
+    busy0 = servers.machine_busy_seconds()
+    result = _run_source(target, scenario.connections, scenario.source_messages)
+    busy = servers.machine_busy_seconds() - busy0
+    out.result = result
+    if pid is not None and cpu0 is not None:
+        out.server_cpu_s = servers.cpu_seconds(pid) - cpu0
+        out.background_cpu_s = max(0.0, busy - out.server_cpu_s - result.cpu_s)
     return out
 
 

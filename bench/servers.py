@@ -29,7 +29,8 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
 # The host is in brackets when it is IPv6: "[::]:2525", "0.0.0.0:2525".
-_LISTENING = re.compile(r"Listening: submission on (\[[^\]\s]+\]|[^\s:]+):(\d+) \(none\)")
+_LISTENING = r"Listening: {listener} on (\[[^\]\s]+\]|[^\s:]+):(\d+) \(none\)"
+_DNS_LISTENING = re.compile(r"DNS listening on 127\.0\.0\.1:(\d+)")
 _PROBLEM = re.compile(r"Traceback|\b(ERROR|CRITICAL|Exception|Error:)\b")
 
 AUTH_USER = "bench@example.com"
@@ -40,6 +41,8 @@ ADMIN_URL = os.environ.get(
 )
 
 Store = Literal["discard", "sqlite", "postgres"]
+#: The MX scenarios' ``Smtp:Mx:SenderAuthentication:Mode``.
+SenderAuth = Literal["off", "observe"]
 _LOG_NUMBERS = itertools.count(1)
 
 
@@ -178,6 +181,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     host: str = "127.0.0.1"
+    listener: str = "submission"  # whose ``Listening:`` line gives the port
     notes: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -202,7 +206,7 @@ class Server:
                 raise ServerError(
                     f"{self.name} exited with status {self.process.returncode}:\n{self.log_tail()}"
                 )
-            match = _LISTENING.search(self.log_text())
+            match = re.search(_LISTENING.format(listener=self.listener), self.log_text())
             if match:
                 host, self.port = match.group(1).strip("[]"), int(match.group(2))
                 self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -252,6 +256,20 @@ def aiosmtpd_sink(workdir: Path, auth: tuple[str, str] | None = None) -> Server:
     return Server(name, argv, workdir, env={"PYTHONPATH": str(REPO)})
 
 
+def bare_trio(workdir: Path) -> Server:
+    """The bare Trio responder (``bench/bare_trio.py``): what Trio alone costs."""
+    argv = [sys.executable, "-m", "bench.bare_trio", "--port", "0"]
+    return Server("trio-bare", argv, workdir, env={"PYTHONPATH": str(REPO)})
+
+
+def smtp_source_path() -> str | None:
+    """Postfix's ``smtp-source`` (package postfix), the C client of issue 16."""
+    return shutil.which("smtp-source") or next(
+        (p for p in ("/usr/sbin/smtp-source", "/usr/lib/postfix/smtp-source") if os.path.exists(p)),
+        None,
+    )
+
+
 def _relate_argv(require_auth: bool, workers: int | None, port: int, store: Store) -> list[str]:
     argv = [
         sys.executable,
@@ -277,6 +295,21 @@ def _relate_argv(require_auth: bool, workers: int | None, port: int, store: Stor
     return argv
 
 
+def _mx_argv(port: int, sender_auth: SenderAuth, dns_port: int) -> list[str]:
+    """The MX listener for ``bench.sender_auth.HOSTED_DOMAIN``, its checks asking the
+    bench's DNS server (any recipient there is taken: no user lookup per message)."""
+    from bench.sender_auth import HOSTED_DOMAIN
+
+    return [
+        "--Smtp:Mx:Enabled=true",
+        f"--Smtp:Mx:Port={port}",
+        f"--Smtp:Mx:HostedDomains:0={HOSTED_DOMAIN}",
+        "--Smtp:Mx:ValidateRecipients=false",
+        f"--Smtp:Mx:SenderAuthentication:Mode={sender_auth}",
+        f"--Smtp:Mx:SenderAuthentication:DnsServers:0=127.0.0.1:{dns_port}",
+    ]
+
+
 def relate_smtp(
     workdir: Path,
     *,
@@ -284,9 +317,12 @@ def relate_smtp(
     workers: int | None = None,
     store: Store = "discard",
     postgres: PostgresDatabase | None = None,
+    sender_auth: SenderAuth | None = None,
+    dns_port: int = 0,
 ) -> Server:
     """relate-smtp in ``workdir``: the discard store (users and keys in its SQLite file),
-    or the full path into ``SQLITE_STORE`` there or into ``postgres``."""
+    or the full path into ``SQLITE_STORE`` there or into ``postgres``; with
+    ``sender_auth``, measured on its MX listener with the checks in that mode."""
     port = free_port()
     name = "relate-smtp" + ("-auth" if require_auth else "")
     if store != "discard":
@@ -298,7 +334,58 @@ def relate_smtp(
         if postgres is None or not postgres.created:
             raise ServerError("no PostgreSQL database for the full-path scenarios")
         env[CONNECTION_ENV] = postgres.url
-    return Server(name, _relate_argv(require_auth, workers, port, store), workdir, env, port)
+    argv = _relate_argv(require_auth, workers, port, store)
+    if sender_auth is None:
+        return Server(name, argv, workdir, env, port)
+    mx_port = free_port()
+    argv += _mx_argv(mx_port, sender_auth, dns_port)
+    name += f"-mx-{sender_auth}"
+    return Server(name, argv, workdir, env, mx_port, listener="mx")
+
+
+@dataclass
+class DnsProcess:
+    """``python -m bench.dns_server`` serving the MX scenarios' records on loopback."""
+
+    cwd: Path
+    process: subprocess.Popen[str] | None = None
+    port: int = 0
+
+    def start(self, records: list[tuple[str, str]], timeout: float = 30.0) -> int:
+        """Start it and return its port once it answers."""
+        argv = [sys.executable, "-m", "bench.dns_server"]
+        for name, text in records:
+            argv += ["--txt", f"{name}={text}"]
+        self.process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            match = _DNS_LISTENING.search(line)
+            if match:
+                self.port = int(match.group(1))
+                return self.port
+        self.stop()
+        raise ServerError("the bench DNS server did not start")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def start_relate(server: Server) -> None:

@@ -16,12 +16,14 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Final
 
 import trio
 from prometheus_client import CollectorRegistry
 
+from relate_smtp import __version__
 from relate_smtp.config import Settings
 from relate_smtp.handlers.auth import Authenticator
 from relate_smtp.handlers.budget import MemoryBudget
@@ -36,11 +38,15 @@ from relate_smtp.runtime.limits import ConnectionLimiter
 from relate_smtp.runtime.listeners import StartupError
 from relate_smtp.runtime.metrics import Metrics, internal_error_count
 from relate_smtp.runtime.network_checks import dns_mx_check, smtp_check
+from relate_smtp.runtime.sender_checks import SenderChecks
 from relate_smtp.runtime.server import Server
 from relate_smtp.runtime.services import Services, Timeouts
 from relate_smtp.runtime.spool import Spool
+from relate_smtp.sender_auth import Mode, SenderAuthenticator
 from relate_smtp.storage import AdminStore, SchemaMissing, Store, StoreUnavailable
 from relate_smtp.storage.opening import StoreOpenError
+from relate_smtp.telemetry import Instruments
+from relate_smtp.telemetry.running import TelemetryRun, exported
 
 log = logging.getLogger("relate_smtp")
 
@@ -143,14 +149,16 @@ def build_server(
     certificate_health: CertificateHealth | None = None,
     metrics: Metrics | None = None,
     new_mail_listener: NewMailListener | None = None,
+    instruments: Instruments | None = None,
 ) -> Server:
     """A server for ``settings`` with every service it uses; no I/O until it serves.
 
     ``new_mail_listener`` replaces the notifier as the one told about stored mail (the
-    notifier is still built, started and drained).
+    notifier is still built, started and drained). ``instruments``: the OpenTelemetry
+    ones, while exporting (:func:`open_telemetry`).
     """
     smtp = settings.smtp
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(instruments=instruments)
     notifier = Notifier(
         settings.api.base_url, settings.internal_api_key, timeout=settings.api.timeout_seconds
     )
@@ -193,6 +201,7 @@ def build_server(
         ),
         tls_context=tls_context,
         spool=spool,
+        sender_checks=sender_checks(settings, metrics=metrics),
     )
     health = certificate_health or certificate_verdict(None)
 
@@ -218,6 +227,31 @@ def build_server(
             ipv6_prefix_length=smtp.client_ipv6_prefix_length,
         ),
         health_checks=probe,
+    )
+
+
+def sender_checks(settings: Settings, *, metrics: Metrics) -> SenderChecks | None:
+    """Issue 15's checks of MX mail: one authenticator (its DNS cache and worker threads)
+    per server, named after ``Smtp:ServerName`` in its Authentication-Results."""
+    smtp = settings.smtp
+    configured = smtp.mx.sender_authentication
+    if not smtp.mx.enabled or configured.mode is Mode.OFF:
+        return None
+    return SenderChecks(
+        SenderAuthenticator(configured, authserv_id=smtp.server_name),
+        metrics=metrics,
+        header_limit=smtp.mime.limits.max_header_bytes,
+        parse_limits=smtp.mime.parse,
+    )
+
+
+def open_telemetry(settings: Settings) -> AbstractAsyncContextManager[TelemetryRun]:
+    """OTLP export while the block runs when ``Otel:Endpoint`` is set (SPEC §7); its
+    flush at the end shares the shutdown budget."""
+    return exported(
+        settings.otel.endpoint,
+        budget=settings.smtp.shutdown_timeout_seconds,
+        service_version=__version__,
     )
 
 
@@ -296,8 +330,10 @@ __all__ = [
     "handle_signals",
     "health_checks",
     "load_certificates",
+    "open_telemetry",
     "reload_certificates",
     "report_startup_error",
     "run_reporting_startup_errors",
+    "sender_checks",
     "tls_context_of",
 ]

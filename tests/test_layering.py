@@ -2,7 +2,8 @@
 
 Data flows down and answers return by value, so each layer may import only those below
 it: ``protocol`` nothing of the package; ``handlers`` never ``runtime``; ``storage``
-neither; ``config`` nothing that imports it back; the shared leaves (``listener_kind``,
+neither; ``telemetry``, which every layer may import, none of them; ``config`` nothing
+that imports it back; the shared leaves (``listener_kind``,
 ``addresses``) nothing at all; and the composition root ``app`` only the entry points.
 Imports are read from the source (``ast``), including those inside functions and
 ``TYPE_CHECKING`` blocks, so a rule cannot be dodged by importing late.
@@ -134,6 +135,19 @@ def test_protocol_imports_nothing_of_the_package() -> None:
             ],
         ),
         ("relate_smtp.runtime", ["relate_smtp.cli", "relate_smtp.admin"]),
+        # Every layer may trace: telemetry imports none of them back.
+        (
+            "relate_smtp.telemetry",
+            [
+                "relate_smtp.handlers",
+                "relate_smtp.storage",
+                "relate_smtp.runtime",
+                "relate_smtp.app",
+                "relate_smtp.cli",
+                "relate_smtp.admin",
+                "relate_smtp.config",
+            ],
+        ),
     ],
 )
 def test_lower_layers_never_import_higher_ones(layer: str, forbidden: list[str]) -> None:

@@ -20,6 +20,7 @@ from relate_smtp.config.errors import ConfigError
 from relate_smtp.config.timespan import TICKS_PER_SECOND, TimeSpanError, parse_timespan
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import BareLineEndings
+from relate_smtp.sender_auth import Mode, NameServer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -178,6 +179,14 @@ def listener_kind(key: str, value: str) -> ListenerKind:
     raise ConfigError(key, f'"{value}" is not a listener name ({names})')
 
 
+def sender_auth_mode(key: str, value: str) -> Mode:
+    for mode in Mode:
+        if value.lower() == mode.value:
+            return mode
+    names = ", ".join(mode.value for mode in Mode)
+    raise ConfigError(key, f'"{value}" is not one of: {names}')
+
+
 def log_level(key: str, value: str) -> LogLevel:
     for index, level in enumerate(LogLevel):
         if value.lower() == level.value.lower() or value == str(index):
@@ -196,6 +205,17 @@ def network(key: str, value: str) -> IPNetwork:
     except ValueError:
         raise ConfigError(
             key, f'"{value}" is not an IP network (CIDR like 10.0.0.0/8, or one address)'
+        ) from None
+
+
+def name_server(key: str, value: str) -> NameServer:
+    try:
+        return NameServer.parse(value)
+    except ValueError:
+        raise ConfigError(
+            key,
+            f'"{value}" is not a DNS server address (192.0.2.53, 192.0.2.53:5353, '
+            "2001:db8::53 or [2001:db8::53]:5353)",
         ) from None
 
 
@@ -262,6 +282,11 @@ def http_url(key: str, value: str) -> str:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname or _has_space(value):
         raise ConfigError(key, f'"{value}" is not an http:// or https:// URL')
     return value
+
+
+def otlp_endpoint(key: str, value: str) -> str:
+    """An OTLP collector URL (``http://`` or ``https://``); blank means none."""
+    return http_url(key, value.strip()) if value.strip() else ""
 
 
 def health_urls(key: str, value: str) -> str:

@@ -21,6 +21,7 @@ from relate_smtp.config.timespan import format_timespan
 from relate_smtp.handlers.limits import MimeLimits, ParseLimits
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import BareLineEndings, ProtocolConfig
+from relate_smtp.sender_auth import SenderAuthSettings
 
 __all__ = [
     "KNOWN_KEYS",
@@ -28,6 +29,7 @@ __all__ = [
     "HealthCheckSettings",
     "MimeSettings",
     "MxSettings",
+    "OtelSettings",
     "ProxyProtocolSettings",
     "RateLimitSettings",
     "SecuritySettings",
@@ -39,6 +41,7 @@ __all__ = [
 _PROTOCOL: Final = ProtocolConfig()
 _MIME: Final = MimeLimits()
 _PARSE: Final = ParseLimits()
+_SENDER_AUTH: Final = SenderAuthSettings()
 
 
 @attrs.frozen(kw_only=True)
@@ -69,6 +72,40 @@ class MxSettings:
         True,
         "on MX, reject unknown users at hosted domains",
         original=True,
+    )
+    # Issue 15: SPF, DKIM and DMARC of unauthenticated MX mail (sender_auth/).
+    sender_authentication: SenderAuthSettings = record(
+        _SENDER_AUTH,
+        mode=Setting(
+            key="Smtp:Mx:SenderAuthentication:Mode",
+            convert=parse.sender_auth_mode,
+            default=_SENDER_AUTH.mode,
+            doc="SPF, DKIM and DMARC of unauthenticated MX mail: `off` (no DNS query), "
+            "`observe` (check, log, count; never refuse) or `enforce` (as observe, and a "
+            "DMARC `p=reject`/`sp=reject` failure gets 550 5.7.1 at the end of data)",
+        ),
+        dns_servers=Setting(
+            key="Smtp:Mx:SenderAuthentication:DnsServers",
+            convert=parse.name_server,
+            default=_SENDER_AUTH.dns_servers,
+            doc="recursive resolvers for those checks: `192.0.2.53`, `192.0.2.53:5353`, "
+            "`[2001:db8::53]:5353`; empty → the system's (`/etc/resolv.conf`)",
+            many=True,
+        ),
+        dns_timeout_seconds=Setting(
+            key="Smtp:Mx:SenderAuthentication:DnsTimeoutSeconds",
+            convert=parse.positive_number,
+            default=_SENDER_AUTH.dns_timeout_seconds,
+            doc="bound on one DNS lookup, > 0; a lookup that times out is a temporary error "
+            "and never refuses a message",
+        ),
+        reject_spf_fail=Setting(
+            key="Smtp:Mx:SenderAuthentication:RejectSpfFail",
+            convert=parse.boolean,
+            default=_SENDER_AUTH.reject_spf_fail,
+            doc="in `enforce`, also refuse SPF `fail` when the author domain publishes no "
+            "DMARC record",
+        ),
     )
 
 
@@ -459,6 +496,22 @@ class StorageSettings:
 
 
 @attrs.frozen(kw_only=True)
+class OtelSettings:
+    """``Otel``: where traces and metrics go over OTLP, as the original's telemetry."""
+
+    endpoint: str = setting(
+        "Otel:Endpoint",
+        parse.otlp_endpoint,
+        "",
+        "OTLP collector (`http://collector:4317`; gRPC unless `OTEL_EXPORTER_OTLP_PROTOCOL` "
+        "is `http/protobuf`, then `/v1/traces` and `/v1/metrics` are appended to it): traces "
+        "and metrics of service `relate-mail-smtp` are exported there; empty → none, at no "
+        "cost",
+        original=True,
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Settings:
     """Everything the server reads from its configuration, typed and validated."""
 
@@ -487,6 +540,7 @@ class Settings:
     )
     security: SecuritySettings = section(SecuritySettings())
     storage: StorageSettings = section(StorageSettings())
+    otel: OtelSettings = section(OtelSettings())
     log_level: LogLevel = setting(
         "Logging:LogLevel:Default",
         parse.log_level,

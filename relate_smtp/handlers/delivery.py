@@ -23,6 +23,7 @@ from typing import Protocol
 
 import attrs
 
+from relate_smtp import telemetry
 from relate_smtp.handlers.budget import BudgetWaitTooLong, MemoryBudget
 from relate_smtp.handlers.message import AttachmentTooLarge, MimeLimitExceeded, looks_large
 from relate_smtp.handlers.parsing import (
@@ -41,6 +42,7 @@ from relate_smtp.protocol import (
     mime_limit_exceeded,
 )
 from relate_smtp.storage import NewEmail, SavedEmail, Store, StoreUnavailable
+from relate_smtp.telemetry import SPANS, TAGS, Span
 
 log = logging.getLogger("relate_smtp.delivery")
 
@@ -112,10 +114,29 @@ class MessageDelivery:
         envelope_recipients: Sequence[str],
         sent_by_user_id: uuid.UUID | None,
     ) -> DeliveryOutcome:
-        try:
-            email = await self._parser.parse(
-                message, envelope_recipients=envelope_recipients, sent_by_user_id=sent_by_user_id
+        """Under the original's ``smtp.message.save`` span (parse, commit, notify)."""
+        with telemetry.span(SPANS.save, {TAGS.buffer_size: message_size(message)}) as span:
+            outcome = await self._parse_and_store_in(
+                span, message, envelope_recipients, sent_by_user_id
             )
+            if outcome.refused is not None:
+                span.set_attribute(TAGS.refused, outcome.refused)
+            return outcome
+
+    async def _parse_and_store_in(
+        self,
+        span: Span,
+        message: bytes | SpooledMessage,
+        envelope_recipients: Sequence[str],
+        sent_by_user_id: uuid.UUID | None,
+    ) -> DeliveryOutcome:
+        try:
+            with telemetry.span(SPANS.parse, {TAGS.size_bytes: message_size(message)}):
+                email = await self._parser.parse(
+                    message,
+                    envelope_recipients=envelope_recipients,
+                    sent_by_user_id=sent_by_user_id,
+                )
         except AttachmentTooLarge as exc:
             log.info("message refused: %s", exc)
             return DeliveryOutcome(reply=ATTACHMENT_TOO_BIG, refused="attachment_too_big")
@@ -130,8 +151,29 @@ class MessageDelivery:
             saved = await self._store.save_email(email)
         except StoreUnavailable as exc:
             log.warning("message not stored, asked the sender to retry: %s", exc)
+            _tag_failure(span, exc)
             return DeliveryOutcome(reply=LOCAL_ERROR, refused="store_unavailable")
         elapsed = time.perf_counter() - started
+        if telemetry.enabled():
+            _tag_saved(span, email, saved)
         if self._listener is not None:
-            self._listener.message_stored(email, saved)
+            with telemetry.span(SPANS.notify, {TAGS.recipient_count: len(saved.linked_user_ids)}):
+                self._listener.message_stored(email, saved)
         return DeliveryOutcome(reply=message_accepted(str(saved.id)), store_seconds=elapsed)
+
+
+def _tag_saved(span: Span, email: NewEmail, saved: SavedEmail) -> None:
+    """The original's tags once the message is stored; ``smtp.recipients_count`` counts
+    the To/Cc/Bcc mailboxes, as its ``email.Recipients`` did."""
+    span.set_attribute(TAGS.recipients_count, len(email.header_recipients))
+    span.set_attribute(TAGS.message_id, email.message_id)
+    if saved.thread_id is not None:
+        span.set_attribute(TAGS.thread_id, str(saved.thread_id))
+    span.set_attribute(TAGS.has_attachments, bool(email.attachments))
+
+
+def _tag_failure(span: Span, exc: BaseException) -> None:
+    """The original's error status and ``exception.*`` tags."""
+    span.set_error(str(exc))
+    span.set_attribute(TAGS.exception_type, type(exc).__name__)
+    span.set_attribute(TAGS.exception_message, str(exc))

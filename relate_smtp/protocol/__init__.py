@@ -62,6 +62,7 @@ from ._replies import (
     Reply,
     message_accepted,
     mime_limit_exceeded,
+    sender_not_authenticated,
 )
 from ._state import State
 
@@ -112,4 +113,5 @@ __all__ = [
     "State",
     "message_accepted",
     "mime_limit_exceeded",
+    "sender_not_authenticated",
 ]

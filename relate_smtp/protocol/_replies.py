@@ -121,6 +121,14 @@ def mime_limit_exceeded(what: str) -> Reply:
     return _r(554, "5.6.0", f"Message content rejected: {what}")
 
 
+def sender_not_authenticated(reason: str) -> Reply:
+    """550 5.7.1 for mail its sender's domain asks receivers to refuse (RFC 7489 §7.3;
+    RFC 3463 X.7.1: delivery not authorized). The reason names the domain and the
+    failure; it is cut to printable ASCII so no DNS-derived text can break the reply."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in reason)[:400]
+    return _r(550, "5.7.1", text or "Message refused by the sender's domain policy")
+
+
 # --- replies the core sends by itself -----------------------------------------------
 OK = _r(250, "2.0.0", "OK")
 SENDER_OK = _r(250, "2.1.0", "Sender OK")

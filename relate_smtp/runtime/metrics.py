@@ -5,18 +5,24 @@ The one place that turns what happened into metrics: handlers return outcomes
 ``record_*`` methods here. Updates go through :meth:`Metrics.safely` so that a failing
 metric can never break an SMTP session (the original wrapped its counters in try/catch
 for the same reason).
+
+With ``Otel:Endpoint`` set, the same events also feed the original's OpenTelemetry
+instruments (meter ``Relate.Smtp``, :class:`~relate_smtp.telemetry.Instruments`), with
+the original's meaning: the processing time of stored messages, in milliseconds.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relate_smtp.handlers.auth import AuthOutcome, AuthResult
 from relate_smtp.handlers.delivery import DeliveryOutcome
+from relate_smtp.telemetry import Instruments
 
 log = logging.getLogger("relate_smtp.metrics")
 
@@ -26,10 +32,14 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics:
-    """The server's collectors, registered in ``registry`` (a fresh one by default)."""
+    """The server's collectors, registered in ``registry`` (a fresh one by default), and
+    the OpenTelemetry ``instruments`` when exporting."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, instruments: Instruments | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.otel = instruments
         r = self.registry
         self.messages_received = Counter(
             "smtp_messages_received", "Messages accepted with 250 at end of data", registry=r
@@ -77,6 +87,19 @@ class Metrics:
             ["where"],
             registry=r,
         )
+        self.sender_auth_results = Counter(
+            "smtp_sender_auth_results",
+            "MX messages checked for sender authentication, by mechanism (spf, dkim, dmarc) "
+            "and RFC 8601 result",
+            ["mechanism", "result"],
+            registry=r,
+        )
+        self.sender_auth_wait = Histogram(
+            "smtp_sender_auth_wait_seconds",
+            "Time the end-of-data reply waited for SPF, DKIM and DMARC",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
         self.buffer_budget = Gauge(
             "smtp_buffer_budget_bytes",
@@ -112,10 +135,28 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.safely(lambda: self.rejections.labels(reason=reason).inc())
 
+    def connection_opened(self) -> None:
+        self.safely(self.active_connections.inc)
+        otel = self.otel
+        if otel is not None:
+            self.safely(lambda: otel.connections_active.add(1))
+
+    def connection_closed(self) -> None:
+        self.safely(self.active_connections.dec)
+        otel = self.otel
+        if otel is not None:
+            self.safely(lambda: otel.connections_active.add(-1))
+
     def record_auth(self, result: AuthResult) -> None:
+        failed = result.outcome is not AuthOutcome.SUCCESS
         self.safely(self.auth_attempts.inc)
-        if result.outcome is not AuthOutcome.SUCCESS:
+        if failed:
             self.safely(self.auth_failures.inc)
+        otel = self.otel
+        if otel is not None:
+            self.safely(lambda: otel.auth_attempts.add(1))
+            if failed:
+                self.safely(lambda: otel.auth_failures.add(1))
 
     def record_delivery(self, outcome: DeliveryOutcome, *, size: int, elapsed: float) -> None:
         """One end of data: its final reply after ``elapsed`` seconds, ``size`` octets."""
@@ -128,6 +169,21 @@ class Metrics:
         if outcome.reply.code < 400:
             self.safely(self.messages_received.inc)
             self.safely(lambda: self.bytes_received.inc(size))
+            otel = self.otel
+            if otel is not None:
+                # As the original: counted, and timed, only once stored.
+                self.safely(lambda: otel.messages_received.add(1))
+                self.safely(lambda: otel.bytes_received.add(size))
+                self.safely(lambda: otel.processing_duration.record(elapsed * 1000.0))
+
+    def record_sender_auth(self, results: Mapping[str, str], waited: float) -> None:
+        """One checked MX message: a result per mechanism, and how long its reply waited."""
+        for mechanism, result in results.items():
+            self.safely(functools.partial(self._count_sender_auth, mechanism, result))
+        self.safely(lambda: self.sender_auth_wait.observe(waited))
+
+    def _count_sender_auth(self, mechanism: str, result: str) -> None:
+        self.sender_auth_results.labels(mechanism=mechanism, result=result).inc()
 
     def record_tls(self, listener: str, *, ok: bool) -> None:
         counter = self.tls_sessions if ok else self.tls_failures

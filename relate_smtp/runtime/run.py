@@ -32,19 +32,26 @@ async def serve_until_signalled(
     it serves those sockets and leaves /healthz and /metrics to the parent.
     """
     certificates = app.load_certificates(settings, dev_tls=dev_tls)
-    async with open_store(settings) as store:
+    # Telemetry outlives the store, so that the last commits' spans are flushed too.
+    async with app.open_telemetry(settings) as exporting, open_store(settings) as store:
         await app.check_store(store)
         server = app.build_server(
             settings,
             store=store,
             tls_context=app.tls_context_of(certificates),
             certificate_health=app.certificate_verdict(certificates),
+            instruments=exporting.instruments,
         )
+
+        def stop() -> None:
+            exporting.stopping()
+            server.shutdown()
+
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 functools.partial(
                     app.handle_signals,
-                    stop=server.shutdown,
+                    stop=stop,
                     reload=functools.partial(app.reload_certificates, certificates),
                 )
             )

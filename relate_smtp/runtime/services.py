@@ -13,6 +13,7 @@ from relate_smtp.handlers.auth import Authenticator
 from relate_smtp.handlers.delivery import MessageDelivery
 from relate_smtp.handlers.policy import MailboxFilter
 from relate_smtp.runtime.metrics import Metrics
+from relate_smtp.runtime.sender_checks import SenderChecks
 from relate_smtp.runtime.spool import DEFAULT_SPOOL_THRESHOLD, Spool
 from relate_smtp.storage import Store
 
@@ -41,3 +42,5 @@ class Services:
     timeouts: Timeouts
     tls_context: Callable[[], ssl.SSLContext | None]
     spool: Spool = attrs.field(factory=lambda: Spool(None, threshold=DEFAULT_SPOOL_THRESHOLD))
+    #: SPF, DKIM and DMARC of unauthenticated MX mail; None when MX is off or they are.
+    sender_checks: SenderChecks | None = None

@@ -14,6 +14,7 @@ from typing import assert_never
 
 import trio
 
+from relate_smtp import telemetry
 from relate_smtp.handlers.auth import AuthOutcome
 from relate_smtp.handlers.delivery import DeliveryOutcome
 from relate_smtp.handlers.policy import Envelope, Principal
@@ -25,9 +26,11 @@ from relate_smtp.protocol import (
     INSUFFICIENT_RESOURCES,
     INTERNAL_ERROR,
     LOCAL_ERROR,
+    RELAY_DENIED,
     SHUTTING_DOWN,
     TIMEOUT,
     TLS_NOT_AVAILABLE,
+    UNKNOWN_USER,
     AuthRequest,
     ConnectionClosed,
     Hello,
@@ -46,9 +49,11 @@ from relate_smtp.protocol import (
 )
 from relate_smtp.runtime import streams, tls
 from relate_smtp.runtime.listeners import Listener
+from relate_smtp.runtime.sender_checks import TransactionCheck, span_attributes
 from relate_smtp.runtime.services import Services
 from relate_smtp.runtime.spool import MessageBuffer
 from relate_smtp.storage import StoreError
+from relate_smtp.telemetry import SPANS, TAGS, AttributeValue
 
 log = logging.getLogger("relate_smtp.session")
 
@@ -71,12 +76,17 @@ class Session:
         "_command_deadline",
         "_conn",
         "_data_budget",
+        "_endpoint_port",
+        "_helo",
         "_listener",
         "_messages",
+        "_nursery",
         "_outcome",
         "_plain_fd",
         "_principal",
         "_recipients",
+        "_sender",
+        "_sender_check",
         "_services",
         "_shutting_down",
         "_stream",
@@ -117,6 +127,13 @@ class Session:
         self._outcome = "closed"
         self._command_deadline = 0.0
         self._data_budget = 0.0
+        self._sender = ""  # MAIL FROM of the transaction, for the rcpt_to span
+        self._endpoint_port = 0  # the port connected to, for spans; 0 until traced
+        self._helo = ""
+        # Sender authentication (MX only): the nursery its lookups run in, and the
+        # transaction being checked.
+        self._nursery: trio.Nursery | None = None
+        self._sender_check: TransactionCheck | None = None
 
     # ---- the server's view -------------------------------------------------------
 
@@ -132,8 +149,19 @@ class Session:
             self._clock.cancel()
 
     async def run(self) -> None:
+        """The session under its span: one trace per connection."""
+        tags = self._session_tags() if telemetry.enabled() else None
+        with telemetry.span(SPANS.session, tags, kind="server") as span:
+            try:
+                await self._run()
+            finally:
+                span.set_attribute(TAGS.outcome, self._outcome)
+                span.set_attribute(TAGS.messages, self._messages)
+                span.set_attribute(TAGS.tls, self._tls)
+
+    async def _run(self) -> None:
         metrics = self._services.metrics
-        metrics.safely(metrics.active_connections.inc)
+        metrics.connection_opened()
         linger = False
         try:
             conn: ServerConnection | None = None
@@ -144,7 +172,10 @@ class Session:
                 if self._listener.implicit_tls and not await self._start_tls():
                     return
                 self._conn = conn = ServerConnection(self._listener.protocol)
-                await self._converse(conn)
+                if self._checks_senders:
+                    await self._converse_checking_senders(conn)
+                else:
+                    await self._converse(conn)
             self._clock = None
             if clock.cancelled_caught:
                 if conn is None:
@@ -164,13 +195,35 @@ class Session:
             self._discard_message()
             try:
                 if linger:
-                    await streams.linger(self._stream)
+                    await streams.linger(self._stream, after_quit=self._outcome == "quit")
             finally:
                 await streams.close_now(self._stream)
-            metrics.safely(metrics.active_connections.dec)
+            metrics.connection_closed()
             self._log_summary()
 
     # ---- the loop -----------------------------------------------------------------
+
+    @property
+    def _checks_senders(self) -> bool:
+        return self._services.sender_checks is not None and self._listener.kind is ListenerKind.MX
+
+    async def _converse_checking_senders(self, conn: ServerConnection) -> None:
+        """``_converse`` with a nursery for the sender checks' DNS lookups, which end
+        with the session. An error of the conversation leaves the nursery as itself, not
+        in a group, so ``run`` handles it as on any other listener."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._converse(conn)
+            except Exception as exc:
+                failure = exc
+            finally:
+                self._nursery = None
+                self._end_sender_check()
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _interrupted(self, conn: ServerConnection) -> None:
         """The session clock ran out, or shutdown interrupted a wait for a command."""
@@ -212,6 +265,7 @@ class Session:
                 continue
             match event:
                 case Hello():
+                    self._helo = event.domain
                     conn.accept()
                 case AuthRequest():
                     await self._authenticate(conn, event)
@@ -231,10 +285,13 @@ class Session:
                 case MessageChunk():
                     if self._buffer is not None:
                         self._buffer.append(event.data)
+                    if self._sender_check is not None:
+                        self._sender_check.message_chunk(event.data)
                 case MessageEnd():
                     await self._message_end(conn, event.size)
                 case MessageAborted():
                     self._discard_message()
+                    self._end_sender_check()
                     self._services.metrics.reject("message_aborted")
                 case Reset():
                     self._reset_transaction()
@@ -262,7 +319,11 @@ class Session:
         elif abs(clock.deadline - self._command_deadline) > _DEADLINE_SLACK:
             clock.deadline = self._command_deadline
         self._waiting = "receive"
-        data = await self._stream.receive_some(RECEIVE_SIZE)
+        data: bytes | bytearray
+        if self._plain_fd >= 0:
+            data = await streams.receive_plain(self._plain_fd, RECEIVE_SIZE)
+        else:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
         self._waiting = None
         if in_message:
             self._account_data(len(data), trio.current_time() - now)
@@ -364,12 +425,16 @@ class Session:
 
     async def _authenticate(self, conn: ServerConnection, event: AuthRequest) -> None:
         self._pause_clock()
-        result = await self._services.authenticator.authenticate(
-            event.username,
-            event.password,
-            self._client_ip,
-            authorization_id=event.authorization_id,
-        )
+        with telemetry.span(SPANS.auth, {TAGS.auth_user: event.username}) as span:
+            result = await self._services.authenticator.authenticate(
+                event.username,
+                event.password,
+                self._client_ip,
+                authorization_id=event.authorization_id,
+            )
+            span.set_attribute(TAGS.auth_success, result.outcome is AuthOutcome.SUCCESS)
+            if result.outcome is AuthOutcome.BLOCKED:
+                span.set_attribute(TAGS.auth_rate_limited, True)
         self._services.metrics.record_auth(result)
         if result.outcome is AuthOutcome.SUCCESS and result.user_id and result.address:
             self._principal = Principal(user_id=result.user_id, address=result.address)
@@ -397,15 +462,33 @@ class Session:
                 log.warning("sender check failed (database): %s", exc)
                 conn.reject(LOCAL_ERROR)
                 return
-        reply = await services.mailbox_filter.check_sender(
-            self._listener.kind, self._principal, event.address, addresses
-        )
+        with telemetry.span(SPANS.mail_from, self._filter_tags(event.address)):
+            reply = await services.mailbox_filter.check_sender(
+                self._listener.kind, self._principal, event.address, addresses
+            )
         if reply is None:
+            self._sender = event.address
             self._recipients = []
+            self._begin_sender_check(event.address)
             conn.accept()
         else:
             services.metrics.reject("sender")
             conn.reject(reply)
+
+    def _begin_sender_check(self, mail_from: str) -> None:
+        """Issue 15: SPF of an unauthenticated MX transaction starts at MAIL FROM."""
+        self._end_sender_check()
+        checks = self._services.sender_checks
+        if checks is None or self._nursery is None or self._principal is not None:
+            return
+        self._sender_check = checks.begin(
+            self._nursery, client_ip=self._client_ip, helo=self._helo, mail_from=mail_from
+        )
+
+    def _end_sender_check(self) -> None:
+        check, self._sender_check = self._sender_check, None
+        if check is not None:
+            check.cancel()
 
     async def _addresses_of_user(self, principal: Principal) -> tuple[str, ...]:
         if self._user_addresses is None:
@@ -418,9 +501,14 @@ class Session:
         path = Envelope(
             local_part=event.local_part, domain=event.domain, source_route=event.source_route
         )
-        reply, stored_as = await self._services.mailbox_filter.decide_recipient(
-            self._listener.kind, self._principal, path
-        )
+        with telemetry.span(SPANS.rcpt_to, self._filter_tags(self._sender, event.address)) as span:
+            reply, stored_as = await self._services.mailbox_filter.decide_recipient(
+                self._listener.kind, self._principal, path
+            )
+            if reply is RELAY_DENIED:
+                span.set_attribute(TAGS.relay_rejected, True)
+            elif reply is UNKNOWN_USER:
+                span.set_attribute(TAGS.unknown_recipient, True)
         if reply is None:
             self._recipients.append(stored_as or event.address)
             conn.accept()
@@ -440,6 +528,7 @@ class Session:
         finally:
             if buffer is not None:
                 buffer.discard()
+            self._end_sender_check()
         elapsed = trio.current_time() - started
         self._services.metrics.record_delivery(outcome, size=size, elapsed=elapsed)
         self._recipients = []
@@ -456,12 +545,27 @@ class Session:
         the message) but never silently: its traceback is logged and it is counted in
         ``smtp_internal_errors_total``, which the ``smtp`` health check reports."""
         services = self._services
+        # Sender authentication and the memory budget share the data timeout: the
+        # client waits for one reply.
+        wait_limit = self._timeouts.data
+        check, self._sender_check = self._sender_check, None
         try:
+            message = buffer.finish()
+            if check is not None:
+                started = trio.current_time()
+                with telemetry.span(SPANS.sender_auth) as span:
+                    refused = await check.finish(message, wait_limit=wait_limit)
+                    if check.verdict is not None:
+                        for key, value in span_attributes(check.verdict).items():
+                            span.set_attribute(key, value)
+                if refused is not None:
+                    return refused
+                wait_limit = max(0.0, wait_limit - (trio.current_time() - started))
             return await services.delivery.deliver(
-                buffer.finish(),
+                message,
                 envelope_recipients=tuple(self._recipients),
                 sent_by_user_id=self._principal.user_id if self._principal else None,
-                wait_limit=self._timeouts.data,
+                wait_limit=wait_limit,
             )
         except Exception:
             log.exception("message from %s not stored: internal error", self._client_ip)
@@ -471,12 +575,39 @@ class Session:
     def _reset_transaction(self) -> None:
         self._recipients = []
         self._discard_message()
+        self._end_sender_check()
 
     def _discard_message(self) -> None:
         """Forget the message being received, and remove its spool file if it has one."""
         if self._buffer is not None:
             self._buffer.discard()
             self._buffer = None
+
+    def _session_tags(self) -> dict[str, AttributeValue]:
+        """The session span's tags; notes the port connected to for the filter spans."""
+        stream = self._stream
+        if isinstance(stream, trio.SocketStream):
+            self._endpoint_port = int(stream.socket.getsockname()[1])
+        return {
+            TAGS.client_address: self._client_ip,
+            TAGS.client_port: self._client_port,
+            TAGS.listener: self._listener.name,
+            TAGS.endpoint_port: self._endpoint_port,
+        }
+
+    def _filter_tags(
+        self, sender: str, recipient: str | None = None
+    ) -> dict[str, AttributeValue] | None:
+        """The original's MxMailboxFilter tags (``smtp.to`` for a recipient)."""
+        if not telemetry.enabled():
+            return None
+        tags: dict[str, AttributeValue] = {}
+        if recipient is not None:
+            tags[TAGS.recipient] = recipient
+        tags[TAGS.sender] = sender
+        tags[TAGS.endpoint_port] = self._endpoint_port
+        tags[TAGS.is_authenticated] = self._principal is not None
+        return tags
 
     def _log_summary(self) -> None:
         user = self._principal.address if self._principal else "-"

@@ -15,6 +15,12 @@ nothing is stored for a message that will never get its 250. Once its message is
 batch the batch goes ahead, shielded, because it carries other callers' messages too;
 a cancelled leader leaves when its batch is done.
 
+Tracing: each message's trace shows the transaction that stored it, a ``db.commit``
+span under its ``smtp.message.save`` with the batch's own start and end, its size
+(``db.operation.batch.size``) and whether that message's caller led it. One span per
+message rather than one per batch, because a trace is one connection and every message
+in the batch waited for the whole transaction.
+
 Closing fails the queued messages at once with :class:`StoreUnavailable` (their senders
 retry) and gives the batch in flight a grace period before cancelling it.
 """
@@ -22,12 +28,14 @@ retry) and gives the batch in flight a grace period before cancelling it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import attrs
 import trio
 
+from relate_smtp import telemetry
 from relate_smtp.storage.errors import SchemaMissing, StoreError, StoreUnavailable
 from relate_smtp.storage.records import SavedEmail
 
@@ -64,6 +72,7 @@ class _Pending(Generic[Item]):
 
     item: Item
     size: int
+    trace: object | None = None  # the caller's span, for the commit's span under it
     taken: bool = False  # in a batch: no longer withdrawn when its caller is cancelled
     outcome: Outcome | None = None
     wake: trio.Event = attrs.field(factory=trio.Event)  # outcome known, or asked to lead
@@ -94,6 +103,7 @@ class GroupCommit(Generic[Item]):
             raise ValueError("max_batch must be at least 1")
         self._write_batch = write_batch
         self._name = name
+        self._db_system = name.lower()  # OpenTelemetry's db.system: postgresql, sqlite
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         self._queue: list[_Pending[Item]] = []
@@ -116,7 +126,7 @@ class GroupCommit(Generic[Item]):
         """Store ``item`` (``size`` bytes of message) in a batch; return once committed."""
         if self._closed:
             raise StoreUnavailable(f"the {self._name} store is closed")
-        pending = _Pending(item, size)
+        pending = _Pending(item, size, telemetry.parent())
         self._queue.append(pending)
         if not self._leading:
             # Nobody leads, so the queue held nothing before: this message is first.
@@ -144,6 +154,7 @@ class GroupCommit(Generic[Item]):
         """Store one batch (the leader's message first), hand out its outcomes, pass on."""
         batch = self._take_batch()
         outcomes: Sequence[Outcome] | None = None
+        started_ns = time.time_ns()
         try:
             with trio.CancelScope(shield=True) as self._in_flight:
                 try:
@@ -162,9 +173,32 @@ class GroupCommit(Generic[Item]):
             self._stats.batches += 1
             self._stats.messages += len(batch)
             self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
+            if telemetry.enabled():
+                self._trace(batch, outcomes, started_ns)
             for pending, outcome in zip(batch, outcomes, strict=True):
                 pending.finish(outcome)
             self._pass_on()
+
+    def _trace(
+        self, batch: Sequence[_Pending[Item]], outcomes: Sequence[Outcome], started_ns: int
+    ) -> None:
+        """One ``db.commit`` span per message of the batch (see the module)."""
+        ended_ns = time.time_ns()
+        for index, (pending, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            telemetry.record(
+                telemetry.SPANS.commit,
+                pending.trace,
+                start_ns=started_ns,
+                end_ns=ended_ns,
+                attributes={
+                    telemetry.TAGS.db_system: self._db_system,
+                    telemetry.TAGS.db_operation: "INSERT",
+                    telemetry.TAGS.batch_size: len(batch),
+                    telemetry.TAGS.batch_leader: index == 0,
+                },
+                kind="client",
+                error=describe(outcome) if isinstance(outcome, Exception) else None,
+            )
 
     def _take_batch(self) -> list[_Pending[Item]]:
         """The oldest queued messages, up to max_batch of them or max_batch_bytes of

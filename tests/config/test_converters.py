@@ -129,6 +129,12 @@ INVALID = [
     ("Security:RateLimit:MaxBackoffDelay", "00:00:60", "is out of range for a TimeSpan"),
     ("Security:RateLimit:MaxBackoffDelay", "00:00:00.12345678", "is out of range"),
     ("Storage:DiscardMessages", "sometimes", "is not a boolean"),
+    ("Smtp:Mx:SenderAuthentication:Mode", "on", "is not one of: off, observe, enforce"),
+    ("Smtp:Mx:SenderAuthentication:DnsServers:0", "dns.example", "is not a DNS server address"),
+    ("Smtp:Mx:SenderAuthentication:DnsServers:0", "192.0.2.53:0", "is not a DNS server"),
+    ("Smtp:Mx:SenderAuthentication:DnsTimeoutSeconds", "0", "is not a positive number"),
+    ("Smtp:Mx:SenderAuthentication:RejectSpfFail", "yes", "is not a boolean"),
+    ("Otel:Endpoint", "collector:4317", "is not an http:// or https:// URL"),
     ("Logging:LogLevel:Default", "Verbose", "is not a log level (Trace, Debug, Information"),
 ]
 
