@@ -1,8 +1,7 @@
 """A whole group-commit batch in ONE PostgreSQL statement.
 
-The bridge is the expensive part: crossing into asyncio once per save cost about a
-millisecond of CPU per message (0.4x the throughput of plain asyncio) under
-trio-asyncio. So a batch crosses once and is stored by :data:`SAVE_BATCH`, CTEs over
+Crossing into the asyncio thread that runs asyncpg (``bridge.py``) costs more than the
+SQL of one message. So a batch crosses once and is stored by :data:`SAVE_BATCH`, CTEs over
 ``unnest`` arrays that resolve the recipients' users and the threads and insert every
 row, which PostgreSQL commits atomically with one WAL flush.
 """

@@ -43,8 +43,7 @@ class _LoopThread:
     """An asyncio loop running in its own thread until :meth:`stop`."""
 
     def __init__(self) -> None:
-        # Not asyncio.new_event_loop(): where trio-asyncio is imported its policy
-        # refuses to make a loop from inside Trio.
+        # A loop of its own, not the policy's: this thread never runs Trio's.
         self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
         self.loop.set_exception_handler(_log_loop_error)
         self._thread = threading.Thread(target=self._run, name="relate-smtp-postgres", daemon=True)
