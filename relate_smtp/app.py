@@ -30,7 +30,7 @@ from relate_smtp.handlers.budget import MemoryBudget
 from relate_smtp.handlers.delivery import MessageDelivery, NewMailListener
 from relate_smtp.handlers.lastused import LastUsedUpdater
 from relate_smtp.handlers.notify import Notifier
-from relate_smtp.handlers.parsing import MessageParser
+from relate_smtp.handlers.parsing import MessageParser, WorkerPool
 from relate_smtp.handlers.policy import MailboxFilter
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.runtime import checks, tls
@@ -166,6 +166,8 @@ def build_server(
     metrics.safely(lambda: metrics.buffer_budget.set(smtp.max_buffered_bytes))
     spool = Spool(settings.storage.spool_path, threshold=smtp.spool_threshold_bytes)
     last_used = LastUsedUpdater(store)
+    # One set of worker processes for large messages: parsing and DKIM share the limit.
+    workers = WorkerPool(smtp.mime.parse)
     services = Services(
         store=store,
         authenticator=Authenticator(
@@ -187,7 +189,7 @@ def build_server(
             parser=MessageParser(
                 max_attachment_size=smtp.max_attachment_size_bytes,
                 mime_limits=smtp.mime.limits,
-                parse_limits=smtp.mime.parse,
+                workers=workers,
             ),
             discard=settings.storage.discard_messages,
             listener=new_mail_listener or notifier,
@@ -201,7 +203,7 @@ def build_server(
         ),
         tls_context=tls_context,
         spool=spool,
-        sender_checks=sender_checks(settings, metrics=metrics),
+        sender_checks=sender_checks(settings, metrics=metrics, workers=workers),
     )
     health = certificate_health or certificate_verdict(None)
 
@@ -230,7 +232,9 @@ def build_server(
     )
 
 
-def sender_checks(settings: Settings, *, metrics: Metrics) -> SenderChecks | None:
+def sender_checks(
+    settings: Settings, *, metrics: Metrics, workers: WorkerPool
+) -> SenderChecks | None:
     """Issue 15's checks of MX mail: one authenticator (its DNS cache and worker threads)
     per server, named after ``Smtp:ServerName`` in its Authentication-Results."""
     smtp = settings.smtp
@@ -241,7 +245,7 @@ def sender_checks(settings: Settings, *, metrics: Metrics) -> SenderChecks | Non
         SenderAuthenticator(configured, authserv_id=smtp.server_name),
         metrics=metrics,
         header_limit=smtp.mime.limits.max_header_bytes,
-        parse_limits=smtp.mime.parse,
+        workers=workers,
     )
 
 

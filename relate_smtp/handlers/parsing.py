@@ -16,8 +16,9 @@ import logging
 import math
 import resource
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -27,6 +28,8 @@ from relate_smtp.handlers.limits import MimeLimits, ParseLimits
 from relate_smtp.handlers.message import build_email, looks_large
 from relate_smtp.storage.records import NewEmail
 
+T = TypeVar("T")
+
 log = logging.getLogger("relate_smtp.parsing")
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "ParseLimits",
     "ParseTooCostly",
     "SpooledMessage",
+    "WorkerPool",
     "limit_this_job",
     "message_size",
 ]
@@ -63,6 +67,33 @@ class ParseTooCostly(Exception):
     """A parse passed its CPU-time, wall-clock or memory limit (451 4.3.0)."""
 
 
+class WorkerPool:
+    """The worker processes for large messages, shared by parsing and DKIM verification:
+    at most ``limits.concurrency`` jobs at once, each killed past its wall-clock
+    backstop (the CPU limit times a factor, plus a start-up allowance)."""
+
+    def __init__(self, limits: ParseLimits = ParseLimits()) -> None:
+        self.limits = limits
+        self._limiter = trio.CapacityLimiter(limits.concurrency)
+        # Ours is taken first; trio-parallel's own must never queue the job again.
+        self._unlimited = trio.CapacityLimiter(math.inf)
+
+    @property
+    def deadline(self) -> float:
+        return self.limits.cpu_seconds * _WALL_CLOCK_FACTOR + _WORKER_START_SECONDS
+
+    async def run(self, job: Callable[..., T], *args: object) -> T:
+        """``job(*args)`` in a worker process; ``trio.TooSlowError`` past the backstop
+        (the wait for a free worker does not count), ``BrokenWorkerError`` when the
+        process ended (RLIMIT_CPU sends SIGXCPU)."""
+        async with self._limiter:
+            with trio.fail_after(self.deadline):
+                result: T = await trio_parallel.run_sync(
+                    job, *args, kill_on_cancel=True, limiter=self._unlimited
+                )
+                return result
+
+
 class MessageParser:
     """Turns raw messages into :class:`NewEmail` records without stalling the event loop."""
 
@@ -72,13 +103,11 @@ class MessageParser:
         max_attachment_size: int,
         mime_limits: MimeLimits = MimeLimits(),
         parse_limits: ParseLimits = ParseLimits(),
+        workers: WorkerPool | None = None,
     ) -> None:
         self._max_attachment_size = max_attachment_size
         self._mime_limits = mime_limits
-        self._parse_limits = parse_limits
-        self._limiter = trio.CapacityLimiter(parse_limits.concurrency)
-        # Our limiter is taken first; trio-parallel's own must never queue the job again.
-        self._unlimited = trio.CapacityLimiter(math.inf)
+        self._workers = workers or WorkerPool(parse_limits)
 
     async def parse(
         self,
@@ -98,35 +127,28 @@ class MessageParser:
                 max_attachment_size=self._max_attachment_size,
                 limits=self._mime_limits,
             )
-        async with self._limiter:
-            return await self._in_worker(message, envelope, sent_by_user_id)
+        return await self._in_worker(message, envelope, sent_by_user_id)
 
     async def _in_worker(
         self, message: bytes | SpooledMessage, envelope: tuple[str, ...], sent_by: uuid.UUID | None
     ) -> NewEmail:
-        limits = self._parse_limits
-        deadline = limits.cpu_seconds * _WALL_CLOCK_FACTOR + _WORKER_START_SECONDS
-        with trio.move_on_after(deadline) as scope:
-            try:
-                email: NewEmail = await trio_parallel.run_sync(
-                    build_within_limits,
-                    message,
-                    envelope,
-                    sent_by,
-                    self._max_attachment_size,
-                    self._mime_limits,
-                    limits,
-                    kill_on_cancel=True,
-                    limiter=self._unlimited,
-                )
-                return email
-            except trio_parallel.BrokenWorkerError as exc:
-                # RLIMIT_CPU ends the process with SIGXCPU; so would any other crash.
-                log.warning("message parse stopped: worker process ended (%s)", exc)
-                raise ParseTooCostly("the parser's worker process ended") from None
-        assert scope.cancelled_caught
-        log.warning("message parse stopped after %.0f s of wall-clock time", deadline)
-        raise ParseTooCostly("parse took too long")
+        workers = self._workers
+        try:
+            return await workers.run(
+                build_within_limits,
+                message,
+                envelope,
+                sent_by,
+                self._max_attachment_size,
+                self._mime_limits,
+                workers.limits,
+            )
+        except trio_parallel.BrokenWorkerError as exc:
+            log.warning("message parse stopped: worker process ended (%s)", exc)
+            raise ParseTooCostly("the parser's worker process ended") from None
+        except trio.TooSlowError:
+            log.warning("message parse stopped after %.0f s of wall-clock time", workers.deadline)
+            raise ParseTooCostly("parse took too long") from None
 
 
 def build_within_limits(

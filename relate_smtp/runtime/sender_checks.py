@@ -13,7 +13,6 @@ a message.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import trio_parallel
 from relate_smtp.handlers.delivery import DeliveryOutcome
 from relate_smtp.handlers.limits import ParseLimits
 from relate_smtp.handlers.message import looks_large
-from relate_smtp.handlers.parsing import SpooledMessage, limit_this_job
+from relate_smtp.handlers.parsing import SpooledMessage, WorkerPool, limit_this_job
 from relate_smtp.protocol import sender_not_authenticated
 from relate_smtp.runtime.from_header import FromHeaderScanner
 from relate_smtp.runtime.metrics import Metrics
@@ -57,37 +56,27 @@ class SenderChecks:
         *,
         metrics: Metrics,
         header_limit: int,
-        parse_limits: ParseLimits = ParseLimits(),
+        workers: WorkerPool | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.metrics = metrics
         #: How much of the header section is searched for the From field.
         self.header_limit = header_limit
-        self._parse_limits = parse_limits
-        self._workers = trio.CapacityLimiter(parse_limits.concurrency)
-        self._unlimited = trio.CapacityLimiter(math.inf)
+        self._workers = workers or WorkerPool()
 
     async def verify_elsewhere(
         self, message: bytes | SpooledMessage
     ) -> tuple[tuple[DkimOutcome, ...], tuple[str, ...]]:
         """DKIM of a large message in a worker process; a worker that passes its CPU
         limit (or dies) yields ``temperror``, which never refuses."""
-        async with self._workers:
-            try:
-                found: tuple[
-                    tuple[DkimOutcome, ...], tuple[str, ...]
-                ] = await trio_parallel.run_sync(
-                    verify_in_worker,
-                    message,
-                    self.authenticator.settings,
-                    self._parse_limits,
-                    kill_on_cancel=True,
-                    limiter=self._unlimited,
-                )
-            except trio_parallel.BrokenWorkerError:
-                log.info("DKIM of a large message stopped: its worker process ended")
-                return (_too_large(),), ()
-        return found
+        workers = self._workers
+        try:
+            return await workers.run(
+                verify_in_worker, message, self.authenticator.settings, workers.limits
+            )
+        except (trio_parallel.BrokenWorkerError, trio.TooSlowError):
+            log.info("DKIM of a large message stopped: its worker process ended")
+            return (_too_large(),), ()
 
     @property
     def mode(self) -> Mode:
