@@ -364,14 +364,18 @@ async def send_message(
     try:
         with trio.fail_after(timeout):
             await peer.send(envelope)
-            codes = [(await peer.reply()).code for _ in range(len(recipients) + 2)]
+            # The outer deadline bounds every reply: a hostile message may take the
+            # server longer than a reply's default to refuse.
+            codes = [
+                (await peer.reply(timeout=timeout)).code for _ in range(len(recipients) + 2)
+            ]
             if codes[-1] != 354:
                 refusal = next(c for c in codes if c >= 400)
                 result = Sent("refused", refusal)
             else:
                 await peer.send(dot_stuffed(data))
                 result = Sent("unknown", None)
-                final = (await peer.reply()).code
+                final = (await peer.reply(timeout=timeout)).code
                 result = Sent("accepted" if final == 250 else "refused", final)
     except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -197,6 +197,7 @@ async def test_hostile_messages_neither_stall_nor_exhaust_the_server(tmp_path: P
     )
     ledger = Ledger()
     replies: dict[str, list[int]] = {}
+    seconds: dict[str, float] = {}
     expected: dict[str, tuple[Hostile, list[str]]] = {}
     seen = Responsiveness()
     try:
@@ -209,14 +210,16 @@ async def test_hostile_messages_neither_stall_nor_exhaust_the_server(tmp_path: P
                 for case in CASES:
                     ids = [unique_id(case.name) for _ in range(case.copies)]
                     expected[case.name] = (case, ids)
+                    started = time.monotonic()
                     replies[case.name] = await send_at_once(port, case, ids, ledger)
+                    seconds[case.name] = round(time.monotonic() - started, 1)
                 stop.set()
         rss = peak_rss_mib(server.proc.pid)
     finally:
         server.kill()
 
     print(
-        f"hostile content: replies={replies} second client: {seen.delivered} delivered, "
+        f"hostile content: replies={replies} seconds={seconds} second client: {seen.delivered} delivered, "
         f"worst greeting {seen.worst_greeting * 1000:.0f} ms, worst 250 "
         f"{seen.worst_accept * 1000:.0f} ms; server peak RSS {rss:.0f} MiB"
     )
