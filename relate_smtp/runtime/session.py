@@ -48,6 +48,7 @@ from relate_smtp.protocol import (
     StartTLS,
 )
 from relate_smtp.runtime import streams, tls
+from relate_smtp.runtime.deadlines import Deadlines, deadlines
 from relate_smtp.runtime.listeners import Listener
 from relate_smtp.runtime.sender_checks import TransactionCheck, span_attributes
 from relate_smtp.runtime.services import Services
@@ -58,9 +59,6 @@ from relate_smtp.telemetry import SPANS, TAGS, AttributeValue
 log = logging.getLogger("relate_smtp.session")
 
 RECEIVE_SIZE = 64 * 1024
-# Moving a Trio deadline costs more than the rest of a small command: keep one that is
-# within a second of the exact value (RFC 5321's timeouts are minutes).
-_DEADLINE_SLACK = 1.0
 
 
 class Session:
@@ -76,6 +74,8 @@ class Session:
         "_command_deadline",
         "_conn",
         "_data_budget",
+        "_deadline",
+        "_deadlines",
         "_endpoint_port",
         "_helo",
         "_listener",
@@ -112,9 +112,12 @@ class Session:
         self._services = services
         self._timeouts = services.timeouts
         self._conn: ServerConnection | None = None
-        # One cancel scope per session whose deadline is moved for each read and write
-        # (cheaper than a scope per I/O); "infinite" while the handlers decide.
+        # One cancel scope per session, cancelled by shutdown or, through ``expire``,
+        # by this run's ``Deadlines`` once ``deadline`` has passed. The deadline moves
+        # with each read and reply; it is "infinite" while the handlers decide.
         self._clock: trio.CancelScope | None = None
+        self._deadline = math.inf
+        self._deadlines: Deadlines | None = None
         self._waiting: str | None = None  # "receive" | "send" while blocked on the peer
         self._shutting_down = False
         self._principal: Principal | None = None
@@ -141,6 +144,17 @@ class Session:
     def in_message(self) -> bool:
         return self._conn is not None and self._conn.in_message
 
+    @property
+    def deadline(self) -> float:
+        """When the wait for the peer in progress times out (``Deadlines`` reads it)."""
+        return self._deadline
+
+    def expire(self) -> None:
+        """The deadline passed: interrupt the wait (``Deadlines`` calls this)."""
+        clock = self._clock
+        if clock is not None:
+            clock.cancel()
+
     def request_shutdown(self) -> None:
         """Close at the next command boundary; a session waiting for a command is
         interrupted at once, one receiving a message may finish it first."""
@@ -163,6 +177,8 @@ class Session:
         metrics = self._services.metrics
         metrics.connection_opened()
         linger = False
+        watch = self._deadlines = deadlines()
+        watch.watch(self)
         try:
             conn: ServerConnection | None = None
             # The clock also covers the implicit-TLS handshake, so that shutdown can
@@ -177,6 +193,7 @@ class Session:
                 else:
                     await self._converse(conn)
             self._clock = None
+            self._deadline = math.inf
             if clock.cancelled_caught:
                 if conn is None:
                     self._outcome = "shutdown"
@@ -192,6 +209,8 @@ class Session:
             metrics.internal_error("session")
             linger = await self._try_abort(INTERNAL_ERROR)
         finally:
+            self._clock = None
+            watch.unwatch(self)
             self._discard_message()
             try:
                 if linger:
@@ -247,6 +266,7 @@ class Session:
 
     async def _converse(self, conn: ServerConnection) -> None:
         self._command_deadline = trio.current_time() + self._timeouts.command
+        self._deadline = self._command_deadline
         while True:
             event = conn.next_event()
             if event is Pending.NEED_DATA:
@@ -310,14 +330,12 @@ class Session:
             self._outcome = "shutdown"
             conn.abort(SHUTTING_DOWN)
             return b""
-        clock = self._clock
-        assert clock is not None
         in_message = conn.in_message
-        now = trio.current_time()
         if in_message:
-            clock.deadline = now + min(self._data_budget, self._timeouts.data)
-        elif abs(clock.deadline - self._command_deadline) > _DEADLINE_SLACK:
-            clock.deadline = self._command_deadline
+            now = trio.current_time()
+            self._deadline = now + min(self._data_budget, self._timeouts.data)
+        else:
+            self._deadline = self._command_deadline
         self._waiting = "receive"
         data: bytes | bytearray
         if self._plain_fd >= 0:
@@ -342,14 +360,12 @@ class Session:
         data = conn.data_to_send()
         if not data:
             return
-        clock = self._clock
-        assert clock is not None
         # A reply means the peer completed a command: the next one gets a full period
         # (RFC 5321 §4.5.3.2), while a line dribbled in byte by byte never earns one. The
         # same deadline bounds this write, so a peer that reads nothing is cut too.
-        deadline = self._command_deadline = trio.current_time() + self._timeouts.command
-        if abs(clock.deadline - deadline) > _DEADLINE_SLACK:
-            clock.deadline = deadline
+        watch = self._deadlines
+        assert watch is not None
+        self._deadline = self._command_deadline = watch.now + self._timeouts.command
         if self._plain_fd >= 0:
             # Replies are small and the socket buffer is almost always free: write them
             # straight away, skipping the scheduler round trip of an awaited send. Trio
@@ -370,9 +386,7 @@ class Session:
     def _pause_clock(self) -> None:
         """No deadline while the handlers decide (bcrypt, the database): only waits on
         the peer are timed."""
-        clock = self._clock
-        if clock is not None and clock.deadline != math.inf:
-            clock.deadline = math.inf
+        self._deadline = math.inf
 
     async def _try_abort(self, reply: Reply) -> bool:
         """Say ``reply`` (a 421) if the session is still open; True once it was sent."""

@@ -366,9 +366,7 @@ async def send_message(
             await peer.send(envelope)
             # The outer deadline bounds every reply: a hostile message may take the
             # server longer than a reply's default to refuse.
-            codes = [
-                (await peer.reply(timeout=timeout)).code for _ in range(len(recipients) + 2)
-            ]
+            codes = [(await peer.reply(timeout=timeout)).code for _ in range(len(recipients) + 2)]
             if codes[-1] != 354:
                 refusal = next(c for c in codes if c >= 400)
                 result = Sent("refused", refusal)

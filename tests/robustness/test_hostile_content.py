@@ -219,7 +219,8 @@ async def test_hostile_messages_neither_stall_nor_exhaust_the_server(tmp_path: P
         server.kill()
 
     print(
-        f"hostile content: replies={replies} seconds={seconds} second client: {seen.delivered} delivered, "
+        f"hostile content: replies={replies} seconds={seconds} "
+        f"second client: {seen.delivered} delivered, "
         f"worst greeting {seen.worst_greeting * 1000:.0f} ms, worst 250 "
         f"{seen.worst_accept * 1000:.0f} ms; server peak RSS {rss:.0f} MiB"
     )
