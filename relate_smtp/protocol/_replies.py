@@ -88,6 +88,19 @@ def _r(code: int, enhanced: str | None, text: str) -> Reply:
     return Reply(code, enhanced, (text,))
 
 
+def _vouched(code: int, enhanced: str, text: str) -> Reply:
+    """A one-line reply whose code and enhanced code this module chose, built without the
+    validators (one is built per accepted message); only the text is checked."""
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"reply line must be a str without CR or LF: {text!r}")
+    reply = object.__new__(Reply)
+    object.__setattr__(reply, "code", code)
+    object.__setattr__(reply, "enhanced", enhanced)
+    object.__setattr__(reply, "lines", (text,))
+    object.__setattr__(reply, "_wire", f"{code} {enhanced} {text}\r\n".encode())
+    return reply
+
+
 # --- replies the application chooses -------------------------------------------------
 AUTH_SUCCEEDED = _r(235, "2.7.0", "Authentication successful")  # RFC 4954 §6
 AUTH_FAILED = _r(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 §6
@@ -113,7 +126,7 @@ TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")  # RFC 3207 §4
 
 def message_accepted(queue_id: str) -> Reply:
     """The 250 for an accepted message, naming the id the store gave it."""
-    return _r(250, "2.0.0", f"OK: queued as {queue_id}")
+    return _vouched(250, "2.0.0", f"OK: queued as {queue_id}")
 
 
 def mime_limit_exceeded(what: str) -> Reply:

@@ -136,13 +136,20 @@ class Metrics:
         self.safely(lambda: self.rejections.labels(reason=reason).inc())
 
     def connection_opened(self) -> None:
-        self.safely(self.active_connections.inc)
+        # Per connection: the updates are made directly rather than through ``safely``.
+        try:
+            self.active_connections.inc()
+        except Exception:
+            log.debug("metric update failed", exc_info=True)
         otel = self.otel
         if otel is not None:
             self.safely(lambda: otel.connections_active.add(1))
 
     def connection_closed(self) -> None:
-        self.safely(self.active_connections.dec)
+        try:
+            self.active_connections.dec()
+        except Exception:
+            log.debug("metric update failed", exc_info=True)
         otel = self.otel
         if otel is not None:
             self.safely(lambda: otel.connections_active.add(-1))
@@ -160,15 +167,20 @@ class Metrics:
 
     def record_delivery(self, outcome: DeliveryOutcome, *, size: int, elapsed: float) -> None:
         """One end of data: its final reply after ``elapsed`` seconds, ``size`` octets."""
-        self.safely(lambda: self.processing_duration.observe(elapsed))
+        accepted = outcome.reply.code < 400
+        try:  # per message: directly rather than through ``safely``
+            self.processing_duration.observe(elapsed)
+            if accepted:
+                self.messages_received.inc()
+                self.bytes_received.inc(size)
+        except Exception:
+            log.debug("metric update failed", exc_info=True)
         if outcome.refused is not None:
             self.reject(outcome.refused)
         stored = outcome.store_seconds
         if stored is not None:
             self.safely(lambda: self.store_latency.observe(stored))
-        if outcome.reply.code < 400:
-            self.safely(self.messages_received.inc)
-            self.safely(lambda: self.bytes_received.inc(size))
+        if accepted:
             otel = self.otel
             if otel is not None:
                 # As the original: counted, and timed, only once stored.

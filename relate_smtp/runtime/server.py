@@ -12,6 +12,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import trio
 
@@ -169,13 +170,10 @@ class Server:
             background.cancel_scope.cancel()
         lifecycle.info("Shutdown complete")
 
-    async def _handle(self, listener: Listener, socket_stream: trio.SocketStream) -> None:
-        try:
-            peer = socket_stream.socket.getpeername()
-        except OSError:
-            await trio.aclose_forcefully(socket_stream)
-            return
-        client = (_plain_address(str(peer[0])), int(peer[1]))
+    async def _handle(
+        self, listener: Listener, socket_stream: trio.SocketStream, peer: tuple[Any, ...]
+    ) -> None:
+        client = (_plain_address(peer[0]), int(peer[1]))
         stream: trio.abc.Stream = socket_stream
         if listener.proxy_protocol:
             # Tracked so that shutdown can interrupt a peer that never sends its header.

@@ -164,8 +164,10 @@ class Session:
 
     async def run(self) -> None:
         """The session under its span: one trace per connection."""
-        tags = self._session_tags() if telemetry.enabled() else None
-        with telemetry.span(SPANS.session, tags, kind="server") as span:
+        if not telemetry.enabled():
+            await self._run()
+            return
+        with telemetry.span(SPANS.session, self._session_tags(), kind="server") as span:
             try:
                 await self._run()
             finally:
@@ -270,8 +272,8 @@ class Session:
         while True:
             event = conn.next_event()
             if event is Pending.NEED_DATA:
-                await self._flush(conn)
-                conn.receive_data(await self._receive(conn))
+                replied = await self._flush(conn)
+                conn.receive_data(await self._receive(conn, replied=replied))
                 continue
             if event is Pending.PAUSED:
                 await self._flush(conn)
@@ -323,9 +325,9 @@ class Session:
                 case _:
                     assert_never(event)
 
-    async def _receive(self, conn: ServerConnection) -> bytes:
+    async def _receive(self, conn: ServerConnection, *, replied: bool) -> bytes:
         """One read under the clock that applies now: the command deadline, or the data
-        budget while a message streams in."""
+        budget while a message streams in. ``replied``: a reply was just sent."""
         if self._shutting_down and not conn.in_message:
             self._outcome = "shutdown"
             conn.abort(SHUTTING_DOWN)
@@ -339,7 +341,7 @@ class Session:
         self._waiting = "receive"
         data: bytes | bytearray
         if self._plain_fd >= 0:
-            data = await streams.receive_plain(self._plain_fd, RECEIVE_SIZE)
+            data = await streams.receive_plain(self._plain_fd, RECEIVE_SIZE, replied=replied)
         else:
             data = await self._stream.receive_some(RECEIVE_SIZE)
         self._waiting = None
@@ -356,10 +358,11 @@ class Session:
             return
         self._data_budget = min(self._timeouts.data, self._data_budget - elapsed + size / rate)
 
-    async def _flush(self, conn: ServerConnection) -> None:
+    async def _flush(self, conn: ServerConnection) -> bool:
+        """Send the queued replies; False when there were none."""
         data = conn.data_to_send()
         if not data:
-            return
+            return False
         # A reply means the peer completed a command: the next one gets a full period
         # (RFC 5321 §4.5.3.2), while a line dribbled in byte by byte never earns one. The
         # same deadline bounds this write, so a peer that reads nothing is cut too.
@@ -377,11 +380,12 @@ class Session:
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             if written == len(data):
-                return
+                return True
             data = data[written:]
         self._waiting = "send"
         await self._stream.send_all(data)
         self._waiting = None
+        return True
 
     def _pause_clock(self) -> None:
         """No deadline while the handlers decide (bcrypt, the database): only waits on

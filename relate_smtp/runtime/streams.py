@@ -90,25 +90,33 @@ async def linger(stream: trio.abc.Stream, *, after_quit: bool = False) -> None:
             return
 
 
-async def receive_plain(fd: int, max_bytes: int) -> bytes:
+async def receive_plain(fd: int, max_bytes: int, *, replied: bool = False) -> bytes:
     """``SocketStream.receive_some`` on a plain TCP socket's descriptor, with its
-    checkpoints and errors, without its layers of context managers (a read per command)."""
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        data = os.read(fd, max_bytes)
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        raise _stream_error(exc) from exc
-    else:
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
-    while True:
+    checkpoints and errors, without its layers of context managers (a read per command).
+
+    ``replied``: a reply was just written, so the peer's answer to it cannot be here
+    yet; the read that would fail with EAGAIN (a system call and an exception) is
+    skipped and the wait comes first.
+    """
+    if replied:
         await trio.lowlevel.wait_readable(fd)
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        await trio.lowlevel.wait_readable(fd)
+    while True:
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
-            continue
+            await trio.lowlevel.wait_readable(fd)
         except OSError as exc:
             raise _stream_error(exc) from exc
 

@@ -76,3 +76,21 @@ async def test_a_refused_message_names_its_reason() -> None:
     outcome = await deliver(Store(), big, max_attachment_size=10)
     assert outcome.reply == ATTACHMENT_TOO_BIG
     assert outcome.refused == "attachment_too_big"
+
+
+async def test_discarded_messages_are_accepted_with_distinct_queue_ids() -> None:
+    store = Store()
+    parser = MessageParser(max_attachment_size=1_000_000)
+    discarding = MessageDelivery(store, parser=parser, discard=True)  # type: ignore[arg-type]
+    replies = [
+        (
+            await discarding.deliver(
+                MESSAGE, envelope_recipients=("b@example.com",), sent_by_user_id=None
+            )
+        ).reply
+        for _ in range(3)
+    ]
+    assert [reply.code for reply in replies] == [250, 250, 250]
+    queue_ids = {reply.lines[0].removeprefix("OK: queued as ") for reply in replies}
+    assert len(queue_ids) == 3 and all(len(q) == 32 for q in queue_ids)
+    assert store.saved == []

@@ -80,6 +80,11 @@ def test_message_accepted() -> None:
     assert message_accepted("ABC123").render() == b"250 2.0.0 OK: queued as ABC123\r\n"
     with pytest.raises(ValueError):
         message_accepted("x\r\n250 injected")
+    with pytest.raises(ValueError):
+        message_accepted("x\n250 injected")
+    # Built without the validators, it is the same value as a validated Reply.
+    assert message_accepted("Q1") == Reply(250, "2.0.0", ("OK: queued as Q1",))
+    assert hash(message_accepted("Q1")) == hash(Reply(250, "2.0.0", ("OK: queued as Q1",)))
 
 
 def test_public_api_is_complete() -> None:
