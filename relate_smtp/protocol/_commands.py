@@ -6,6 +6,7 @@ the session beyond the configuration and the flags passed in.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Final
@@ -127,7 +128,9 @@ def _xtext(value: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=64)
 def _body_types(config: ProtocolConfig) -> dict[str, BodyType]:
+    """BODY= values the config offers (cached: asked on every MAIL; the dict is only read)."""
     types = {}
     if config.eightbitmime or config.binarymime_offered:
         types["7BIT"] = BodyType.SEVEN_BIT

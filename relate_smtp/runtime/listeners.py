@@ -16,6 +16,7 @@ import attrs
 from relate_smtp.config import Settings
 from relate_smtp.listener_kind import ListenerKind
 from relate_smtp.protocol import ProtocolConfig
+from relate_smtp.runtime.accept import set_connection_options
 
 log = logging.getLogger("relate_smtp.server")
 
@@ -127,10 +128,13 @@ def bind_socket(kind: ListenerKind, port: int) -> socket.socket:
     supports it (so port 0 gives one port for IPv4 and IPv6), else IPv4."""
     try:
         if socket.has_dualstack_ipv6():
-            return socket.create_server(
+            listening = socket.create_server(
                 ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=_BACKLOG
             )
-        return socket.create_server(("0.0.0.0", port), backlog=_BACKLOG)
+        else:
+            listening = socket.create_server(("0.0.0.0", port), backlog=_BACKLOG)
+        set_connection_options(listening)
+        return listening
     except OSError as exc:
         raise StartupError(
             PORT_KEYS[kind], f"cannot listen on port {port}: {exc.strerror or exc}"

@@ -41,7 +41,7 @@ from relate_smtp.runtime.proxy import ProxyProtocolError, is_trusted, read_proxy
 from relate_smtp.runtime.services import Services
 from relate_smtp.runtime.session import Session
 from relate_smtp.runtime.spool import Spool
-from relate_smtp.runtime.streams import PrefixedStream
+from relate_smtp.runtime.streams import PlainStream, PrefixedStream
 
 log = logging.getLogger("relate_smtp.server")
 
@@ -171,7 +171,7 @@ class Server:
         lifecycle.info("Shutdown complete")
 
     async def _handle(
-        self, listener: Listener, socket_stream: trio.SocketStream, peer: tuple[Any, ...]
+        self, listener: Listener, socket_stream: PlainStream, peer: tuple[Any, ...]
     ) -> None:
         client = (_plain_address(peer[0]), int(peer[1]))
         stream: trio.abc.Stream = socket_stream
@@ -215,7 +215,7 @@ class Server:
             self._limiter.release(client[0])
 
     async def _read_proxy_header(
-        self, listener: Listener, stream: trio.SocketStream, peer: tuple[str, int]
+        self, listener: Listener, stream: PlainStream, peer: tuple[str, int]
     ) -> tuple[tuple[str, int], trio.abc.Stream] | None:
         """The real client behind a trusted load balancer, and the stream to go on with;
         None (after one log line) when the peer may not or did not send a valid header."""

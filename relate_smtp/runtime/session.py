@@ -106,7 +106,7 @@ class Session:
     ) -> None:
         self._stream: trio.abc.Stream = stream
         # The descriptor of a plain TCP stream, for replies written without a wait.
-        self._plain_fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._plain_fd = stream.fd if type(stream) is streams.PlainStream else -1
         self._client_ip, self._client_port = client
         self._listener = listener
         self._services = services
@@ -604,7 +604,7 @@ class Session:
     def _session_tags(self) -> dict[str, AttributeValue]:
         """The session span's tags; notes the port connected to for the filter spans."""
         stream = self._stream
-        if isinstance(stream, trio.SocketStream):
+        if isinstance(stream, (streams.PlainStream, trio.SocketStream)):
             self._endpoint_port = int(stream.socket.getsockname()[1])
         return {
             TAGS.client_address: self._client_ip,

@@ -1,10 +1,11 @@
-"""Stream helpers for the session: replaying bytes that were read ahead, and closing
-without losing the final reply."""
+"""Streams for the session: accepted TCP connections, replaying bytes that were read
+ahead, and closing without losing the final reply."""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 
 import trio
 
@@ -12,6 +13,73 @@ import trio
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 64 * 1024
 _LINGER_READ = 64 * 1024
+
+
+_DEFAULT_RECEIVE = 64 * 1024
+
+
+class PlainStream(trio.abc.HalfCloseableStream):
+    """An accepted TCP connection, read and written through its descriptor.
+
+    ``trio.SocketStream`` wraps a Trio socket object in conflict detectors and sets two
+    socket options per connection; at one message per connection both show in the CPU
+    per message. Sessions need none of it: each stream has one task, and the listening
+    socket carries TCP_NODELAY, which Linux copies to every accepted socket. Errors
+    and checkpoints are ``SocketStream``'s.
+    """
+
+    __slots__ = ("_shut", "fd", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self.fd = sock.fileno()
+        self._shut = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.fd < 0:
+            raise trio.ClosedResourceError("this stream was already closed")
+        return await receive_plain(self.fd, max_bytes or _DEFAULT_RECEIVE)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.fd < 0:
+            raise trio.ClosedResourceError("this stream was already closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.fd)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.fd < 0:
+            raise trio.ClosedResourceError("this stream was already closed")
+        if self._shut:
+            return
+        self._shut = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    def close(self) -> None:
+        """Close at once (no await): wake any waiter, then close the descriptor."""
+        if self.fd >= 0:
+            trio.lowlevel.notify_closing(self.fd)
+            self.fd = -1
+            self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -66,14 +134,16 @@ async def linger(stream: trio.abc.Stream, *, after_quit: bool = False) -> None:
     (the 221 to QUIT was the last reply): on a plain socket with no input waiting, the
     close follows at once, since the peer has nothing more to send.
     """
-    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if not isinstance(transport, trio.abc.HalfCloseableStream):
+    transport = stream.transport_stream if type(stream) is trio.SSLStream else stream
+    if type(transport) is not PlainStream and not isinstance(
+        transport, trio.abc.HalfCloseableStream
+    ):
         return
-    if after_quit and isinstance(transport, trio.SocketStream):
+    if after_quit and isinstance(transport, PlainStream):
         # RFC 5321 §4.1.1.10: after QUIT the peer sends nothing more. When nothing
         # arrived, the close sends a FIN, not a reset: no need to wait for the peer's.
         try:
-            if not os.read(transport.socket.fileno(), _LINGER_READ):
+            if not os.read(transport.fd, _LINGER_READ):
                 return
         except OSError:  # BlockingIOError: nothing arrived; others: the peer is gone
             return
@@ -129,7 +199,9 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 
 async def close_now(stream: trio.abc.Stream) -> None:
     """Close at once, even inside a cancelled scope; a plain socket needs no await."""
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, PlainStream):
+        stream.close()
+    elif isinstance(stream, trio.SocketStream):
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)

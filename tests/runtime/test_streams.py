@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 import trio.testing
@@ -183,3 +185,59 @@ def test_describe_error_names_the_innermost_cause() -> None:
 def test_describe_error_falls_back_to_the_message_then_the_type() -> None:
     assert describe_error(trio.ClosedResourceError("closed")) == "closed"
     assert describe_error(trio.BrokenResourceError()) == "BrokenResourceError"
+
+
+# ---------------------------------------------------------------------------- PlainStream
+
+
+async def test_plain_stream_sends_past_a_full_socket_buffer_and_receives() -> None:
+    left, right = socket.socketpair()
+    ours = streams.PlainStream(left)
+    peer = trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    big = bytes(range(256)) * 40_000  # ~10 MB: several waits for the peer to read
+    received = bytearray()
+
+    async def drain() -> None:
+        while len(received) < len(big):
+            received.extend(await peer.receive_some(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await ours.send_all(big)
+    assert received == big
+    await peer.send_all(b"QUIT\r\n")
+    assert await ours.receive_some() == b"QUIT\r\n"
+    await ours.send_eof()
+    await ours.send_eof()  # a second half-close does nothing
+    assert await peer.receive_some(10) == b""  # the peer sees our FIN
+    await peer.aclose()
+    assert await ours.receive_some() == b""
+    await ours.aclose()
+    await ours.aclose()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some()
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"x")
+
+
+async def test_plain_stream_close_wakes_a_waiting_reader_and_reports_a_reset() -> None:
+    left, right = socket.socketpair()
+    ours = streams.PlainStream(left)
+
+    async def read() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await ours.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        ours.close()
+    right.close()
+    # Writing to a peer that is gone is a broken stream, not an OSError.
+    a, b = socket.socketpair()
+    mine = streams.PlainStream(a)
+    b.close()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):
+            await mine.send_all(b"x" * 65536)
+    mine.close()
