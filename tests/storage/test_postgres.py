@@ -724,3 +724,41 @@ async def _switchable_proxy(target: PostgresParams) -> AsyncIterator[_Proxy]:
         )
         yield proxy
         nursery.cancel_scope.cancel()
+
+
+async def test_the_group_commit_keeps_one_connection_and_replaces_a_lost_one(
+    backend: PostgresTestBackend,
+) -> None:
+    store, db = backend.store, backend.db
+    name = db.params.application_name or ""
+
+    async def backends() -> set[int]:
+        rows = await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2"
+            " AND pid <> pg_backend_pid()",
+            db.name,
+            name,
+        )
+        return {r["pid"] for r in rows}
+
+    for _ in range(3):
+        await store.save_email(_message_to("x@remote.example"))
+    kept = await backends()
+    assert len(kept) == 1
+    assert store.pool_stats().active == 0  # kept between batches, yet idle
+    for _ in range(3):
+        await store.save_email(_message_to("x@remote.example"))
+    assert await backends() == kept  # no acquire per batch: the same backend wrote all
+
+    assert await db.terminate_connections(name) == 1
+    outcome: SavedEmail | StoreError
+    try:  # the first batch may meet the dead connection: refused, never half-stored
+        outcome = await store.save_email(_message_to("x@remote.example"))
+    except StoreUnavailable as exc:
+        outcome = exc
+    saved = await store.save_email(_message_to("x@remote.example"))
+    assert isinstance(saved, SavedEmail)
+    replaced = await backends()
+    assert len(replaced) == 1 and replaced != kept
+    stored = 8 if isinstance(outcome, SavedEmail) else 7
+    assert await _count(db, "Emails") == stored

@@ -126,7 +126,7 @@ class PostgresStore(AccountWrites):
     async def _write_batch(self, rows: Sequence[batch.MessageRows]) -> Sequence[Outcome]:
         sent = _Sent()
         try:
-            return await self._bridge.call(
+            return await self._bridge.call_held(
                 functools.partial(self._save_batch, messages=rows, sent=sent)
             )
         except StoreUnavailable as exc:
@@ -205,7 +205,7 @@ class PostgresStore(AccountWrites):
     def pool_stats(self) -> PoolStats:
         pool = self._bridge.pool
         size = pool.get_size()
-        idle = pool.get_idle_size()
+        idle = pool.get_idle_size() + self._bridge.held_idle
         return PoolStats(active=max(size - idle, 0), maximum=pool.get_max_size())
 
     async def aclose(self) -> None:
