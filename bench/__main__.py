@@ -356,9 +356,9 @@ def _prepare_postgres(
     return ""
 
 
-def _variants_after(contender: Contender, chosen: Sequence[Scenario], index: int) -> set[Variant]:
+def _variants_needed(contender: Contender, scenarios: Sequence[Scenario]) -> set[Variant]:
     needed: set[Variant] = set()
-    for later in chosen[index + 1 :]:
+    for later in scenarios:
         needed.add(contender.variant(later))
         if later.versus_one_worker:
             needed.add(contender.variant(later, one_worker=True))
@@ -396,10 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _credentials = servers.relate_credentials(workdir)
             except servers.ServerError as exc:
                 failures.append(f"relate-smtp credentials: {exc}")
-        for index, scenario in enumerate(chosen):
-            _run_scenario(scenario, contenders, args, results, failures, workdir, postgres)
+        remaining = list(chosen)
+        for group in _groups(chosen):
+            _run_group(group, contenders, args, results, failures, workdir, postgres)
+            remaining = [s for s in remaining if s not in group]
             for contender in contenders:
-                contender.keep_only(_variants_after(contender, chosen, index))
+                contender.keep_only(_variants_needed(contender, remaining))
     finally:
         for contender in contenders:
             contender.stop()
@@ -459,8 +461,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_scenario(
-    scenario: Scenario,
+# Scenarios compared with each other (a ratio between their rows): their rounds are
+# interleaved, so a shared machine that speeds up or slows down over minutes weighs on
+# both alike instead of on whichever ran in the bad minutes.
+PAIRED: tuple[frozenset[str], ...] = (frozenset({"sqlite1", "pg1"}), frozenset({"mx20", "mx20off"}))
+
+
+def _groups(chosen: Sequence[Scenario]) -> list[list[Scenario]]:
+    """``chosen`` in order, paired scenarios (``PAIRED``) measured as one group."""
+    groups: list[list[Scenario]] = []
+    placed: set[str] = set()
+    for scenario in chosen:
+        if scenario.key in placed:
+            continue
+        pair = next((p for p in PAIRED if scenario.key in p), frozenset({scenario.key}))
+        group = [s for s in chosen if s.key in pair]
+        placed.update(s.key for s in group)
+        groups.append(group)
+    return groups
+
+
+def _run_group(
+    group: Sequence[Scenario],
     contenders: Sequence[Contender],
     args: argparse.Namespace,
     results: dict[tuple[str, str], Measurement],
@@ -468,45 +490,67 @@ def _run_scenario(
     workdir: Path,
     postgres: servers.PostgresDatabase | None,
 ) -> None:
-    """Measure every contender (alternating, ``--repeat`` times) and keep the medians."""
-    runs: dict[str, list[Measurement]] = {}
+    """Measure every contender (alternating, ``--repeat`` times) and keep the medians; the
+    scenarios of a group take turns within each round (order flipped every round)."""
+    runs: dict[tuple[str, str], list[Measurement]] = {}
     for round_ in range(max(1, args.repeat)):
-        for contender in contenders:
-            passes = [False]
-            if scenario.versus_one_worker and contender.configurable:
-                # paired: one process, then N workers, order flipped every other round
-                passes = [True, False] if round_ % 2 == 0 else [False, True]
-            measured: dict[bool, Measurement] = {}
-            for one_worker in passes:
-                label = f"  {scenario.key:<11} {contender.name}"
-                if one_worker:
-                    label += " (one process)"
-                if args.repeat > 1:
-                    label += f" (run {round_ + 1}/{args.repeat})"
-                print(label, file=sys.stderr, flush=True)
-                measurement, failure = _measure_one(
-                    contender,
-                    scenario,
-                    args.quick,
-                    workdir=workdir,
-                    postgres=postgres,
-                    one_worker=one_worker,
-                )
-                if measurement is not None:
-                    measured[one_worker] = measurement
-                    if measurement.accepted != measurement.stored:
-                        failures.append(
-                            f"{contender.name} {scenario.key}: {measurement.accepted} messages got"
-                            f" 250 but {measurement.stored} e-mails were stored"
-                        )
-                if failure and failure not in failures:
-                    failures.append(f"{contender.name}: {failure}")
-            main_run = measured.get(False)
-            if main_run is not None:
-                main_run.one_worker = measured.get(True)
-                runs.setdefault(contender.name, []).append(main_run)
-    for name, measured_runs in runs.items():
-        results[(scenario.key, name)] = _median(scenario, measured_runs)
+        order = group if round_ % 2 == 0 else list(reversed(group))
+        for scenario in order:
+            measured = _one_round(scenario, round_, contenders, args, failures, workdir, postgres)
+            for name, measurement in measured.items():
+                runs.setdefault((scenario.key, name), []).append(measurement)
+    for scenario in group:
+        for (key, name), measured_runs in runs.items():
+            if key == scenario.key:
+                results[(key, name)] = _median(scenario, measured_runs)
+
+
+def _one_round(
+    scenario: Scenario,
+    round_: int,
+    contenders: Sequence[Contender],
+    args: argparse.Namespace,
+    failures: list[str],
+    workdir: Path,
+    postgres: servers.PostgresDatabase | None,
+) -> dict[str, Measurement]:
+    """One round of ``scenario``: each contender in turn."""
+    runs: dict[str, Measurement] = {}
+    for contender in contenders:
+        passes = [False]
+        if scenario.versus_one_worker and contender.configurable:
+            # paired: one process, then N workers, order flipped every other round
+            passes = [True, False] if round_ % 2 == 0 else [False, True]
+        measured: dict[bool, Measurement] = {}
+        for one_worker in passes:
+            label = f"  {scenario.key:<11} {contender.name}"
+            if one_worker:
+                label += " (one process)"
+            if args.repeat > 1:
+                label += f" (run {round_ + 1}/{args.repeat})"
+            print(label, file=sys.stderr, flush=True)
+            measurement, failure = _measure_one(
+                contender,
+                scenario,
+                args.quick,
+                workdir=workdir,
+                postgres=postgres,
+                one_worker=one_worker,
+            )
+            if measurement is not None:
+                measured[one_worker] = measurement
+                if measurement.accepted != measurement.stored:
+                    failures.append(
+                        f"{contender.name} {scenario.key}: {measurement.accepted} messages got"
+                        f" 250 but {measurement.stored} e-mails were stored"
+                    )
+            if failure and failure not in failures:
+                failures.append(f"{contender.name}: {failure}")
+        main_run = measured.get(False)
+        if main_run is not None:
+            main_run.one_worker = measured.get(True)
+            runs[contender.name] = main_run
+    return runs
 
 
 def _print_notes(

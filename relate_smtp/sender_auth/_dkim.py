@@ -15,6 +15,7 @@ RFC 8301 is applied on top: rsa-sha1 signatures (§3.1) and RSA keys under 1024 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import attrs
@@ -64,11 +65,42 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
+_HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's ``rfc822_parse`` (the header fields as ``[name, value]`` pairs, values
+    CRLF-terminated; the body), without splitting the body into lines and joining them
+    again, which was half the cost of parsing a typical message. With no bare LF
+    anywhere the body is the bytes after the blank line as they are; otherwise, or for
+    anything unusual, dkimpy's own parse runs. Raises ``dkim.MessageFormatError`` where
+    it does."""
+    if message.count(b"\n") != message.count(b"\r\n"):
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    end = message.find(b"\r\n\r\n")
+    if message.startswith(b"\r\n") or end < 0:
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    headers: list[list[bytes]] = []
+    for line in message[:end].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not headers:
+                return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+            headers[-1][1] += line + b"\r\n"
+            continue
+        match = _HEADER_NAME.match(line)
+        if match is not None:
+            headers.append([match.group(1), line[match.end() :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return headers, message[end + 4 :]
+
+
 def parse_message(message: bytes) -> ParsedMessage:
     """Parse headers and signature fields (worker thread: the message may be large)."""
     try:
-        verifier = dkim.DKIM(message, logger=_quiet, minkey=MIN_RSA_BITS)
-    except dkim.DKIMException:
+        verifier = dkim.DKIM(None, logger=_quiet, minkey=MIN_RSA_BITS)
+        verifier.headers, verifier.body = split_message(message)
+    except (dkim.DKIMException, IndexError):  # IndexError: dkimpy on a leading fold
         return ParsedMessage(None, (), ())
     from_values = tuple(
         value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")

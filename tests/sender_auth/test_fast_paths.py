@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relate_smtp.sender_auth import Result
-from relate_smtp.sender_auth._dkim import parse_message, verify_signatures
+from relate_smtp.sender_auth._dkim import parse_message, split_message, verify_signatures
 from relate_smtp.sender_auth._dkim_crypto import without_signature
 from relate_smtp.sender_auth._pending import Pending
 from relate_smtp.sender_auth._ttlcache import TtlCache
@@ -94,6 +94,38 @@ def test_dkim_bad_signature_encoding_fails(rsa_2048: Key) -> None:
 
 
 _FIELD_TEXT = st.text(alphabet=" \t\r\n;b=hAz+/0", max_size=60).map(str.encode)
+
+
+_MESSAGE_PIECES = st.sampled_from(
+    [
+        b"From: a@b.example",
+        b"Subject: x",
+        b"DKIM-Signature: v=1; b=abc",
+        b"X-y:z",
+        b" folded",
+        b"\tfolded",
+        b"From mbox line",
+        b"bad header line",
+        b"",
+        b"body text",
+        b".",
+        b" ",
+    ]
+)
+_LINE_ENDS = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
+
+
+@given(st.lists(st.tuples(_MESSAGE_PIECES, _LINE_ENDS), max_size=12), st.booleans())
+def test_message_split_is_dkimpys(lines: list[tuple[bytes, bytes]], trailing: bool) -> None:
+    message = b"".join(text + end for text, end in lines) + (b"tail" if trailing else b"")
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse(message)  # type: ignore[operator]
+        except (dkim.MessageFormatError, IndexError) as exc:
+            return type(exc)
+
+    assert outcome(split_message) == outcome(dkim.rfc822_parse)
 
 
 @given(prefix=_FIELD_TEXT, value=_FIELD_TEXT, suffix=_FIELD_TEXT)
