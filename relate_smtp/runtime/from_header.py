@@ -5,7 +5,7 @@ its DNS lookup overlaps the transfer of the body (issue 15). The scanner looks a
 header section only, as chunks arrive, and stops at the first of: the end of the From
 field (the next field or the blank line), the end of the header section, or ``limit``
 bytes. Work is bounded by ``limit`` whatever the client sends; the body is never looked
-at, and lines are split with ``bytes.split``, never byte by byte.
+at, and lines are found with ``bytes.find``, never byte by byte.
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ class FromHeaderScanner:
         room = self._limit - self._seen
         chunk = data[:room]
         self._seen += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            found = self._line(line.removesuffix(b"\r"))
+        buffer = self._partial + chunk if self._partial else chunk
+        # Line by line, so that nothing after the header section is split or copied:
+        # the first chunk often holds the whole message.
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            found = self._line(buffer[start:end].removesuffix(b"\r"))
             if found is not None or self.done:
                 return found
+            start = end + 1
+        self._partial = buffer[start:]
         if self._seen >= self._limit:
             self.done = True  # a field cut by the limit is left to the verdict's parse
         return None

@@ -13,7 +13,6 @@ the original's meaning: the processing time of stored messages, in milliseconds.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Final
@@ -94,6 +93,7 @@ class Metrics:
             ["mechanism", "result"],
             registry=r,
         )
+        self._sender_auth_children: dict[tuple[str, str], Counter] = {}
         self.sender_auth_wait = Histogram(
             "smtp_sender_auth_wait_seconds",
             "Time the end-of-data reply waited for SPF, DKIM and DMARC",
@@ -190,12 +190,21 @@ class Metrics:
 
     def record_sender_auth(self, results: Mapping[str, str], waited: float) -> None:
         """One checked MX message: a result per mechanism, and how long its reply waited."""
-        for mechanism, result in results.items():
-            self.safely(functools.partial(self._count_sender_auth, mechanism, result))
-        self.safely(lambda: self.sender_auth_wait.observe(waited))
+        try:  # per message: directly rather than through ``safely``
+            for mechanism, result in results.items():
+                self._count_sender_auth(mechanism, result)
+            self.sender_auth_wait.observe(waited)
+        except Exception:
+            log.debug("metric update failed", exc_info=True)
 
     def _count_sender_auth(self, mechanism: str, result: str) -> None:
-        self.sender_auth_results.labels(mechanism=mechanism, result=result).inc()
+        # The labelled child, looked up once per pair: ``labels`` costs more than ``inc``.
+        key = (mechanism, result)
+        child = self._sender_auth_children.get(key)
+        if child is None:
+            child = self.sender_auth_results.labels(mechanism=mechanism, result=result)
+            self._sender_auth_children[key] = child
+        child.inc()
 
     def record_tls(self, listener: str, *, ok: bool) -> None:
         counter = self.tls_sessions if ok else self.tls_failures

@@ -63,6 +63,21 @@ class SenderChecks:
         #: How much of the header section is searched for the From field.
         self.header_limit = header_limit
         self._workers = workers or WorkerPool()
+        #: Where transactions' lookups run while the server serves (``run``); None
+        #: before, and sessions then use a nursery of their own.
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the sessions' lookups run in, until cancelled: one for the
+        server instead of one opened and closed per MX connection. Each transaction
+        cancels its own lookups when it ends (``TransactionCheck.cancel``)."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.nursery = None
 
     async def verify_elsewhere(
         self, message: bytes | SpooledMessage

@@ -130,6 +130,8 @@ class Server:
         async with trio.open_nursery() as background:
             await background.start(self.last_used.run)
             await background.start(self.notifier.run)
+            if self.services.sender_checks is not None:
+                await background.start(self.services.sender_checks.run)
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as listening:
                     bound: list[BoundListener] = []

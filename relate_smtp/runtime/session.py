@@ -190,10 +190,14 @@ class Session:
                 if self._listener.implicit_tls and not await self._start_tls():
                     return
                 self._conn = conn = ServerConnection(self._listener.protocol)
-                if self._checks_senders:
-                    await self._converse_checking_senders(conn)
-                else:
+                checks = self._services.sender_checks
+                if not self._checks_senders:
                     await self._converse(conn)
+                elif checks is not None and checks.nursery is not None:
+                    self._nursery = checks.nursery  # the server's (see SenderChecks.run)
+                    await self._converse(conn)
+                else:
+                    await self._converse_checking_senders(conn)
             self._clock = None
             self._deadline = math.inf
             if clock.cancelled_caught:
@@ -213,6 +217,8 @@ class Session:
         finally:
             self._clock = None
             watch.unwatch(self)
+            self._nursery = None
+            self._end_sender_check()  # its lookups stop with the session
             self._discard_message()
             try:
                 if linger:
@@ -229,9 +235,10 @@ class Session:
         return self._services.sender_checks is not None and self._listener.kind is ListenerKind.MX
 
     async def _converse_checking_senders(self, conn: ServerConnection) -> None:
-        """``_converse`` with a nursery for the sender checks' DNS lookups, which end
-        with the session. An error of the conversation leaves the nursery as itself, not
-        in a group, so ``run`` handles it as on any other listener."""
+        """``_converse`` with a nursery of its own for the sender checks' DNS lookups,
+        which end with the session (when the server's is not there: a session run
+        outside ``Server.serve``). An error of the conversation leaves the nursery as
+        itself, not in a group, so ``run`` handles it as on any other listener."""
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -573,7 +580,7 @@ class Session:
                 started = trio.current_time()
                 with telemetry.span(SPANS.sender_auth) as span:
                     refused = await check.finish(message, wait_limit=wait_limit)
-                    if check.verdict is not None:
+                    if check.verdict is not None and telemetry.enabled():
                         for key, value in span_attributes(check.verdict).items():
                             span.set_attribute(key, value)
                 if refused is not None:

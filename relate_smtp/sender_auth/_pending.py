@@ -42,11 +42,9 @@ class Pending(Generic[T]):
 
     @classmethod
     def resolved(cls, value: T) -> Pending[T]:
-        """A result known already: no task, nothing to wait for."""
+        """A result known already: no task, nothing to wait for (and no cancel scope or
+        event, which ``cancel`` and ``result`` never touch once there is an outcome)."""
         pending = cls.__new__(cls)
-        pending._scope = trio.CancelScope()
-        pending._done = trio.Event()
-        pending._done.set()
         pending._outcome = outcome.Value(value)
         return pending
 
