@@ -437,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     for section in (
+        report.cpu_against_bare(results),
         report.stored_table(chosen, results),
         report.workers_table(chosen, results),
         report.sender_auth_table(chosen, results),

@@ -9,6 +9,7 @@ else.
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import attrs
@@ -46,6 +47,15 @@ from ._state import MESSAGE_STATES, TRANSITIONS, Command, State, out_of_sequence
 
 _AUTH_PREFIX: Final = b"AUTH "
 _MAIL_PREFIX: Final = b"MAIL "
+
+
+@functools.lru_cache(maxsize=64)
+def _longer_line_limits(config: ProtocolConfig, tls_active: bool) -> tuple[tuple[bytes, int], ...]:
+    """Per config and TLS state (cached: asked by every new connection)."""
+    return (
+        (_AUTH_PREFIX, config.max_auth_line),  # RFC 4954 §4
+        (_MAIL_PREFIX, config.mail_line_limit(tls_active=tls_active)),
+    )
 
 
 @attrs.define
@@ -329,11 +339,7 @@ class ServerConnection:
 
     def _longer_line_limits(self) -> tuple[tuple[bytes, int], ...]:
         """Commands allowed past the command line limit, with their own limits."""
-        config = self._config
-        return (
-            (_AUTH_PREFIX, config.max_auth_line),  # RFC 4954 §4
-            (_MAIL_PREFIX, config.mail_line_limit(tls_active=self._tls_active)),
-        )
+        return _longer_line_limits(self._config, self._tls_active)
 
     def _close(self) -> None:
         self._state = State.CLOSED

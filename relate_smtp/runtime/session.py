@@ -635,6 +635,8 @@ class Session:
         return tags
 
     def _log_summary(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         user = self._principal.address if self._principal else "-"
         log.info(
             "session %s:%d listener=%s tls=%s user=%s messages=%d bytes=%d outcome=%s",
