@@ -577,7 +577,7 @@ def _print_notes(
         notes.extend(contender.problems())
     if notes:
         print("\nNotes:")
-        for note in notes:
+        for note in dict.fromkeys(notes):  # once each, though every round may add it
             print("  - " + note.replace("\n", "\n    "))
 
 
