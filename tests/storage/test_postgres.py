@@ -762,3 +762,21 @@ async def test_the_group_commit_keeps_one_connection_and_replaces_a_lost_one(
     assert len(replaced) == 1 and replaced != kept
     stored = 8 if isinstance(outcome, SavedEmail) else 7
     assert await _count(db, "Emails") == stored
+
+
+async def test_the_kept_connection_goes_back_to_the_pool_after_its_idle_lifetime() -> None:
+    async with temporary_database("init") as db:
+        params = attrs.evolve(db.params, idle_lifetime=1)
+        async with open_postgres_store(params) as store:
+            await store.save_email(_message_to("x@remote.example"))
+            assert store._bridge.held_idle == 1
+            # Released by a timer on the store's asyncio thread one second after its last
+            # batch: nothing on the Trio side to wait on, so the flag is polled.
+            with trio.fail_after(10):
+                while store._bridge.held_idle:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            # and taken again by the next batch
+            saved = await store.save_email(_message_to("x@remote.example"))
+            assert saved.linked_user_ids == ()
+            assert store._bridge.held_idle == 1
+            assert await _count(db, "Emails") == 2
