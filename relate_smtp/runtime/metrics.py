@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -28,6 +29,29 @@ log = logging.getLogger("relate_smtp.metrics")
 INTERNAL_ERRORS: Final = "smtp_internal_errors_total"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _FailuresLogged:
+    """``with`` it, a failing metric update is logged and swallowed, so that it never
+    breaks a session. A class rather than ``contextlib``: it runs several times per
+    message."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        log.debug("metric update failed", exc_info=value)
+        return True
+
+
+_FAILURES_LOGGED = _FailuresLogged()
 
 
 class Metrics:
@@ -127,29 +151,22 @@ class Metrics:
 
     def safely(self, update: Callable[[], object]) -> None:
         """Apply one metric update; log and swallow any failure."""
-        try:
+        with _FAILURES_LOGGED:
             update()
-        except Exception:
-            log.debug("metric update failed", exc_info=True)
 
     def reject(self, reason: str) -> None:
         self.safely(lambda: self.rejections.labels(reason=reason).inc())
 
     def connection_opened(self) -> None:
-        # Per connection: the updates are made directly rather than through ``safely``.
-        try:
+        with _FAILURES_LOGGED:  # per connection: no closure for ``safely``
             self.active_connections.inc()
-        except Exception:
-            log.debug("metric update failed", exc_info=True)
         otel = self.otel
         if otel is not None:
             self.safely(lambda: otel.connections_active.add(1))
 
     def connection_closed(self) -> None:
-        try:
+        with _FAILURES_LOGGED:
             self.active_connections.dec()
-        except Exception:
-            log.debug("metric update failed", exc_info=True)
         otel = self.otel
         if otel is not None:
             self.safely(lambda: otel.connections_active.add(-1))
@@ -168,13 +185,11 @@ class Metrics:
     def record_delivery(self, outcome: DeliveryOutcome, *, size: int, elapsed: float) -> None:
         """One end of data: its final reply after ``elapsed`` seconds, ``size`` octets."""
         accepted = outcome.reply.code < 400
-        try:  # per message: directly rather than through ``safely``
+        with _FAILURES_LOGGED:  # per message: no closures for ``safely``
             self.processing_duration.observe(elapsed)
             if accepted:
                 self.messages_received.inc()
                 self.bytes_received.inc(size)
-        except Exception:
-            log.debug("metric update failed", exc_info=True)
         if outcome.refused is not None:
             self.reject(outcome.refused)
         stored = outcome.store_seconds
@@ -190,12 +205,10 @@ class Metrics:
 
     def record_sender_auth(self, results: Mapping[str, str], waited: float) -> None:
         """One checked MX message: a result per mechanism, and how long its reply waited."""
-        try:  # per message: directly rather than through ``safely``
+        with _FAILURES_LOGGED:  # per message: no closures for ``safely``
             for mechanism, result in results.items():
                 self._count_sender_auth(mechanism, result)
             self.sender_auth_wait.observe(waited)
-        except Exception:
-            log.debug("metric update failed", exc_info=True)
 
     def _count_sender_auth(self, mechanism: str, result: str) -> None:
         # The labelled child, looked up once per pair: ``labels`` costs more than ``inc``.

@@ -611,7 +611,7 @@ class Session:
     def _session_tags(self) -> dict[str, AttributeValue]:
         """The session span's tags; notes the port connected to for the filter spans."""
         stream = self._stream
-        if isinstance(stream, (streams.PlainStream, trio.SocketStream)):
+        if isinstance(stream, streams.PlainStream):
             self._endpoint_port = int(stream.socket.getsockname()[1])
         return {
             TAGS.client_address: self._client_ip,

@@ -24,8 +24,8 @@ class PlainStream(trio.abc.HalfCloseableStream):
     ``trio.SocketStream`` wraps a Trio socket object in conflict detectors and sets two
     socket options per connection; at one message per connection both show in the CPU
     per message. Sessions need none of it: each stream has one task, and the listening
-    socket carries TCP_NODELAY, which Linux copies to every accepted socket. Errors
-    and checkpoints are ``SocketStream``'s.
+    socket carries the options (``accept.set_connection_options``), which Linux copies
+    to every accepted socket. Errors and checkpoints are ``SocketStream``'s.
     """
 
     __slots__ = ("_shut", "fd", "socket")

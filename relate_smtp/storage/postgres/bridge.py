@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import asyncpg
 import trio
@@ -165,12 +165,9 @@ class Bridge:
         except BaseException as exc:
             self._held_busy = False
             await self._release_held()  # a broken or cancelled connection is not kept
-            if not isinstance(exc, Exception):
-                raise
-            mapped = as_store_error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            if isinstance(exc, Exception):
+                _raise_as_store_error(exc)
+            raise
         if self._idle_lifetime > 0:
             self._held_release = asyncio.get_running_loop().call_later(
                 self._idle_lifetime, self._release_held_soon
@@ -205,10 +202,7 @@ class Bridge:
             ):
                 return await op(con)
         except Exception as exc:
-            mapped = as_store_error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            _raise_as_store_error(exc)
 
     async def close(self) -> None:
         """Close the pool: CLOSE_TIMEOUT for connections in use, then cut them."""
@@ -250,6 +244,15 @@ async def open_bridge(params: PostgresParams) -> AsyncIterator[Bridge]:
     finally:
         with trio.CancelScope(shield=True):
             await loop.stop()
+
+
+def _raise_as_store_error(exc: Exception) -> NoReturn:
+    """Raise ``exc`` as the store error it means (a lost connection, a refused
+    statement, …), or as itself when it is none."""
+    mapped = as_store_error(exc)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
