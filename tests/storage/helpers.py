@@ -163,6 +163,9 @@ class RawSession:
         status: str = await trio_asyncio.aio_as_trio(self.con.execute, loop=self.loop)(sql, *args)
         return status
 
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await trio_asyncio.aio_as_trio(self.con.fetchval, loop=self.loop)(sql, *args)
+
 
 @attrs.frozen
 class TempDatabase:

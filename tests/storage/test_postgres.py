@@ -8,10 +8,11 @@ strings are in ``test_connstring.py``.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar, cast
@@ -32,7 +33,8 @@ from relate_smtp.storage.connstring import (
     PostgresParams,
     parse_connection_string,
 )
-from relate_smtp.storage.postgres import PostgresStore, open_postgres_store
+from relate_smtp.storage.postgres import PostgresStore, batch, open_postgres_store
+from relate_smtp.storage.postgres.pool import GENERIC_PLANS
 from relate_smtp.storage.records import (
     RECIPIENT_BCC,
     RECIPIENT_TO,
@@ -780,3 +782,42 @@ async def test_the_kept_connection_goes_back_to_the_pool_after_its_idle_lifetime
             assert saved.linked_user_ids == ()
             assert store._bridge.held_idle == 1
             assert await _count(db, "Emails") == 2
+
+
+# --- plans -------------------------------------------------------------------------------
+
+
+def _plan_nodes(plan: dict[str, object]) -> Iterator[dict[str, object]]:
+    yield plan
+    for child in cast(list[dict[str, object]], plan.get("Plans", [])):
+        yield from _plan_nodes(child)
+
+
+@pg
+async def test_the_batch_plan_made_while_emails_is_empty_never_reads_the_whole_table() -> None:
+    """The store keeps one generic plan per connection, often made while the tables are
+    still empty (a new deployment): planned then, the thread lookup once joined every
+    stored e-mail for every batch, so each save got slower as the mailbox grew."""
+    async with temporary_database("init") as db, db.session() as session:
+        await session.execute(f"SET plan_cache_mode = {GENERIC_PLANS['plan_cache_mode']}")
+        await session.execute(f"PREPARE save AS {batch.SAVE_BATCH}")
+        # A generic plan does not depend on the values: NULL for each of the 30.
+        nulls = ", ".join(["NULL"] * len(batch.statement_args([])))
+        explained = await session.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE save({nulls})")
+        nodes = list(_plan_nodes(json.loads(explained)[0]["Plan"]))
+        scanned = {n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"}
+        assert "Emails" not in scanned
+        assert any(n.get("Index Name") == "IX_Emails_MessageId" for n in nodes)
+
+
+@pg
+async def test_the_store_keeps_generic_plans_unless_the_connection_string_says_otherwise() -> None:
+    async def plan_cache_mode(store: PostgresStore) -> str:
+        return cast(str, await store._bridge.call(lambda con: con.fetchval("SHOW plan_cache_mode")))
+
+    async with temporary_database("init") as db:
+        async with open_postgres_store(db.params) as store:
+            assert await plan_cache_mode(store) == "force_generic_plan"
+        chosen = attrs.evolve(db.params, options=(("plan_cache_mode", "auto"),))
+        async with open_postgres_store(chosen) as store:
+            assert await plan_cache_mode(store) == "auto"

@@ -20,7 +20,7 @@ from relate_smtp.storage.ids import new_id
 from relate_smtp.storage.records import RECIPIENT_BCC, NewEmail, SavedEmail, emails_row
 from relate_smtp.storage.values import bare_message_id
 
-__all__ = ["MessageRows", "find_saved", "message_rows", "store_batch"]
+__all__ = ["MessageRows", "find_saved", "message_rows", "statement_args", "store_batch"]
 
 # A whole group-commit batch in ONE statement, which PostgreSQL commits or rolls back as
 # a whole: one round trip and one WAL flush however many messages and rows it carries.
@@ -30,7 +30,9 @@ __all__ = ["MessageRows", "find_saved", "message_rows", "store_batch"]
 # additional address, verified or not, rank 1; ties go to the lowest user id) and each
 # reply's thread (`thread`: the parent is the earliest message stored with that
 # Message-ID, compared bare and bracketed because MimeKit stored it
-# bare and other writers did not), then applies `records.link_recipients` in SQL:
+# bare and other writers did not; looked up per parent through LATERAL so that no plan,
+# not even one made while "Emails" was empty, reads the whole table for each batch),
+# then applies `records.link_recipients` in SQL:
 #   - `env`: each user the envelope names, once, with the first envelope address naming
 #     them (envelope ids are time-ordered, so `ORDER BY v.id` is envelope order);
 #   - a header row is linked only when it is the first header row naming its user
@@ -66,10 +68,13 @@ WITH msg AS (
 ), owner AS (
     SELECT DISTINCT ON (key) key, user_id FROM found ORDER BY key, rank, user_id
 ), thread AS (
-    SELECT DISTINCT ON (p.parent) p.parent, COALESCE(e."ThreadId", e."Id") AS thread_id
+    SELECT p.parent, t.thread_id
     FROM (SELECT DISTINCT parent FROM msg WHERE parent IS NOT NULL) AS p
-    JOIN "Emails" e ON e."MessageId" IN (p.parent, '<' || p.parent || '>')
-    ORDER BY p.parent, e."ReceivedAt", e."Id"
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(e."ThreadId", e."Id") AS thread_id FROM "Emails" e
+        WHERE e."MessageId" IN (p.parent, '<' || p.parent || '>')
+        ORDER BY e."ReceivedAt", e."Id" LIMIT 1
+    ) AS t
 ), env AS (
     SELECT DISTINCT ON (v.email_id, o.user_id) v.email_id, v.id, v.address, o.user_id
     FROM env_in v JOIN owner o ON o.key = v.key
@@ -163,7 +168,7 @@ def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def _batch_args(batch: Sequence[MessageRows]) -> list[object]:
+def statement_args(batch: Sequence[MessageRows]) -> list[object]:
     """The 30 parameters of :data:`SAVE_BATCH`."""
     keys: set[str] = set()
     for rows in batch:
@@ -183,7 +188,7 @@ async def store_batch(con: asyncpg.Connection, batch: Sequence[MessageRows]) -> 
         row["id"]: SavedEmail(
             id=row["id"], thread_id=row["thread_id"], linked_user_ids=tuple(row["linked"])
         )
-        for row in await con.fetch(SAVE_BATCH, *_batch_args(batch))
+        for row in await con.fetch(SAVE_BATCH, *statement_args(batch))
     }
     return [result[rows.email_id] for rows in batch]
 
