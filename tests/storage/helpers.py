@@ -210,9 +210,9 @@ class TempDatabase:
     async def locked(self, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
         """Hold a lock on ``table`` until the context exits, from a connection of its own.
 
-        ``"EmailAttachments"`` in ``EXCLUSIVE`` mode (the default mode) stops a save at its
-        last insert, inside its statement, and blocks nothing else; ``"Users"`` in
-        ``ACCESS EXCLUSIVE`` mode blocks address lookups too.
+        ``"EmailRecipients"`` in ``EXCLUSIVE`` mode (the default mode) stops a save inside
+        its statement (every variant of the batch statement inserts recipients) and blocks
+        no reads; ``"Users"`` in ``ACCESS EXCLUSIVE`` mode blocks address lookups too.
         """
         assert table in TABLES
         async with self.session() as session:

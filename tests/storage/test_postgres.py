@@ -41,6 +41,7 @@ from relate_smtp.storage.records import (
     NewEmail,
     link_recipients,
 )
+from relate_smtp.storage.values import normalise_email
 from tests.storage.helpers import (
     TABLES,
     PostgresTestBackend,
@@ -297,6 +298,36 @@ async def test_save_links_threads_and_keeps_header_order(backend: PostgresTestBa
     )
 
 
+@pytest.mark.parametrize("reply", [False, True], ids=["new", "reply"])
+@pytest.mark.parametrize("files", [0, 1], ids=["no-attachment", "attachment"])
+async def test_each_variant_of_the_batch_statement_stores_the_whole_message(
+    backend: PostgresTestBackend, reply: bool, files: int
+) -> None:
+    """The batch statement leaves out the parent lookup and the attachment insert when
+    no message of the batch needs them; each variant stores what it is given."""
+    store = backend.store
+    alice = await store.create_user("alice@example.com", display_name=None, aliases=())
+    parent = await store.save_email(new_email(message_id="p@example.com"))
+    message = new_email(
+        header_recipients=(to("alice@example.com"),),
+        envelope_recipients=("alice@example.com",),
+        in_reply_to="<p@example.com>" if reply else None,
+        attachments=tuple(attachment(f"{n}.bin", b"data") for n in range(files)),
+    )
+    sql, args = batch.statement([batch.message_rows(normalise_email(message))])
+    assert ('"EmailAttachments"' in sql, len(args)) == ((True, 30) if files else (False, 24))
+    assert ("LATERAL" in sql) is reply
+
+    saved = await store.save_email(message)
+
+    assert saved == SavedEmail(
+        id=message.id, thread_id=parent.id if reply else None, linked_user_ids=(alice.id,)
+    )
+    got = await store.get_email(saved.id)
+    assert got is not None and len(got.attachments) == files
+    assert [r.user_id for r in got.recipients] == [alice.id]
+
+
 # --- group commit ------------------------------------------------------------------------
 
 
@@ -381,7 +412,7 @@ async def test_bad_messages_fail_alone_and_the_rest_of_their_batch_is_stored(
     batch = [*good[:9], no_file_name, *good[9:], same_id]
     outcomes: Outcomes = {}
 
-    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+    async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
         await _queue_behind_a_blocked_batch(
             store, db, nursery, _saver(store, outcomes), first, batch
         )
@@ -413,7 +444,7 @@ async def test_a_connection_killed_mid_batch_fails_the_whole_batch_and_the_store
     emails = [_message_to("u@example.com", "x@remote.example") for _ in range(4)]
     outcomes: Outcomes = {}
 
-    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+    async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
         await _queue_behind_a_blocked_batch(
             store, db, nursery, _saver(store, outcomes), first, emails
         )
@@ -448,7 +479,7 @@ async def test_a_cancelled_caller_withdraws_its_message_until_it_is_in_a_batch(
             scopes.append(scope)
             await save(email)
 
-    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+    async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
         nursery.start_soon(cancellable, in_flight)
         await db.sessions_waiting_on_locks(1)
         nursery.start_soon(cancellable, withdrawn)
@@ -473,7 +504,7 @@ async def test_closing_fails_queued_saves_and_lets_the_batch_in_flight_finish() 
     outcomes: Outcomes = {}
     first, *queued = (new_email() for _ in range(4))
     async with temporary_database("init") as db, open_postgres_store(db.params) as store:
-        async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+        async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
             await _queue_behind_a_blocked_batch(
                 store, db, nursery, _saver(store, outcomes), first, queued
             )
@@ -549,7 +580,7 @@ async def test_linking_in_one_batch_matches_link_recipients(backend: PostgresTes
     ]
     outcomes: Outcomes = {}
 
-    async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+    async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
         await _queue_behind_a_blocked_batch(
             store, db, nursery, _saver(store, outcomes), new_email(), emails
         )

@@ -20,7 +20,16 @@ from relate_smtp.storage.ids import new_id
 from relate_smtp.storage.records import RECIPIENT_BCC, NewEmail, SavedEmail, emails_row
 from relate_smtp.storage.values import bare_message_id
 
-__all__ = ["MessageRows", "find_saved", "message_rows", "statement_args", "store_batch"]
+__all__ = [
+    "SAVE_BATCH",
+    "MessageRows",
+    "find_saved",
+    "message_rows",
+    "statement",
+    "statement_args",
+    "store_batch",
+]
+
 
 # A whole group-commit batch in ONE statement, which PostgreSQL commits or rolls back as
 # a whole: one round trip and one WAL flush however many messages and rows it carries.
@@ -45,7 +54,27 @@ __all__ = ["MessageRows", "find_saved", "message_rows", "statement_args", "store
 # it. Foreign keys are checked at the end of the statement, when the Emails rows
 # inserted by `email` are visible. The result is one row per stored message: its thread and its
 # linked users in row order.
-SAVE_BATCH = f"""
+def _save_batch_sql(*, threads: bool, attachments: bool) -> str:
+    """The batch statement; without ``threads`` (no message of the batch replies to
+    anything) it skips the parent lookup, without ``attachments`` the attachment insert
+    and its six parameters: executor start-up is a fair share of a small batch's cost."""
+    thread = """
+), thread AS (
+    SELECT p.parent, t.thread_id
+    FROM (SELECT DISTINCT parent FROM msg WHERE parent IS NOT NULL) AS p
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(e."ThreadId", e."Id") AS thread_id FROM "Emails" e
+        WHERE e."MessageId" IN (p.parent, '<' || p.parent || '>')
+        ORDER BY e."ReceivedAt", e."Id" LIMIT 1
+    ) AS t"""
+    attachment = """
+), attachment AS (
+    INSERT INTO "EmailAttachments" ("Id", "EmailId", "FileName", "ContentType", "SizeBytes",
+        "Content")
+    SELECT * FROM unnest($25::uuid[], $26::uuid[], $27::text[], $28::text[], $29::bigint[],
+        $30::bytea[])"""
+    optional_thread = thread if threads else ""
+    return f"""
 WITH msg AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
         $6::text[], $7::text[], $8::timestamptz[], $9::bigint[], $10::text[], $11::text[],
@@ -66,15 +95,7 @@ WITH msg AS (
     SELECT 1, lower(a."Address"), a."UserId"
     FROM "UserEmailAddresses" a WHERE lower(a."Address") = ANY($24::text[])
 ), owner AS (
-    SELECT DISTINCT ON (key) key, user_id FROM found ORDER BY key, rank, user_id
-), thread AS (
-    SELECT p.parent, t.thread_id
-    FROM (SELECT DISTINCT parent FROM msg WHERE parent IS NOT NULL) AS p
-    CROSS JOIN LATERAL (
-        SELECT COALESCE(e."ThreadId", e."Id") AS thread_id FROM "Emails" e
-        WHERE e."MessageId" IN (p.parent, '<' || p.parent || '>')
-        ORDER BY e."ReceivedAt", e."Id" LIMIT 1
-    ) AS t
+    SELECT DISTINCT ON (key) key, user_id FROM found ORDER BY key, rank, user_id{optional_thread}
 ), env AS (
     SELECT DISTINCT ON (v.email_id, o.user_id) v.email_id, v.id, v.address, o.user_id
     FROM env_in v JOIN owner o ON o.key = v.key
@@ -88,9 +109,9 @@ WITH msg AS (
         "TextBody", "HtmlBody", "ReceivedAt", "SizeBytes", "InReplyTo", "References",
         "ThreadId", "SentByUserId")
     SELECT m.id, m.message_id, m.from_address, m.from_display_name, m.subject, m.text_body,
-        m.html_body, m.received_at, m.size_bytes, m.in_reply_to, m.refs, t.thread_id,
-        m.sent_by
-    FROM msg m LEFT JOIN thread t ON t.parent = m.parent
+        m.html_body, m.received_at, m.size_bytes, m.in_reply_to, m.refs,
+        {"t.thread_id" if threads else "NULL::uuid"}, m.sent_by
+    FROM msg m{" LEFT JOIN thread t ON t.parent = m.parent" if threads else ""}
     RETURNING "Id", "ThreadId"
 ), recipient AS (
     INSERT INTO "EmailRecipients" ("Id", "EmailId", "Address", "DisplayName", "Type",
@@ -107,18 +128,24 @@ WITH msg AS (
     WHERE NOT EXISTS (
         SELECT 1 FROM hdr h WHERE h.email_id = v.email_id AND h.candidate = v.user_id
     )
-    RETURNING "Id", "EmailId", "UserId"
-), attachment AS (
-    INSERT INTO "EmailAttachments" ("Id", "EmailId", "FileName", "ContentType", "SizeBytes",
-        "Content")
-    SELECT * FROM unnest($25::uuid[], $26::uuid[], $27::text[], $28::text[], $29::bigint[],
-        $30::bytea[])
+    RETURNING "Id", "EmailId", "UserId"{attachment if attachments else ""}
 )
 SELECT e."Id" AS id, e."ThreadId" AS thread_id,
     ARRAY(SELECT r."UserId" FROM recipient r WHERE r."EmailId" = e."Id"
         AND r."UserId" IS NOT NULL ORDER BY r."Id") AS linked
 FROM email e
 """
+
+
+#: Every variant, by (threads, attachments); :data:`SAVE_BATCH` is the whole statement.
+_STATEMENTS = {
+    (threads, attachments): _save_batch_sql(threads=threads, attachments=attachments)
+    for threads in (False, True)
+    for attachments in (False, True)
+}
+SAVE_BATCH = _STATEMENTS[True, True]
+#: Parameters of the variants without attachments: the first 24.
+_WITHOUT_ATTACHMENTS = 24
 
 
 @attrs.frozen
@@ -182,13 +209,22 @@ def statement_args(batch: Sequence[MessageRows]) -> list[object]:
     ]
 
 
+def statement(batch: Sequence[MessageRows]) -> tuple[str, list[object]]:
+    """The variant of :data:`SAVE_BATCH` that ``batch`` needs, and its parameters."""
+    threads = any(rows.email[-1] is not None for rows in batch)
+    attachments = any(rows.attachments for rows in batch)
+    args = statement_args(batch)
+    return _STATEMENTS[threads, attachments], args if attachments else args[:_WITHOUT_ATTACHMENTS]
+
+
 async def store_batch(con: asyncpg.Connection, batch: Sequence[MessageRows]) -> list[Outcome]:
     """asyncio side: store ``batch`` with one statement (all or nothing)."""
+    sql, args = statement(batch)
     result = {
         row["id"]: SavedEmail(
             id=row["id"], thread_id=row["thread_id"], linked_user_ids=tuple(row["linked"])
         )
-        for row in await con.fetch(SAVE_BATCH, *statement_args(batch))
+        for row in await con.fetch(sql, *args)
     }
     return [result[rows.email_id] for rows in batch]
 

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn, TypeVar
 
 import asyncpg
+import outcome
 import trio
 
 from relate_smtp.storage.connstring import PostgresParams
@@ -66,12 +67,22 @@ class _LoopThread:
         once it has finished (a connection in use is back in the pool by then)."""
         token = trio.lowlevel.current_trio_token()
         waiter = trio.lowlevel.current_task()
-        started: list[asyncio.Task[T]] = []
+        started: list[asyncio.Task[None]] = []
+
+        async def relay() -> None:
+            # The outcome travels with the wake-up itself: a done callback would cost
+            # the loop another turn (and the task's result a lookup on the Trio side).
+            result: outcome.Outcome[T] | None
+            try:
+                result = outcome.Value(await coro)
+            except asyncio.CancelledError:
+                result = None
+            except BaseException as exc:  # re-raised in the Trio task
+                result = outcome.Error(exc)
+            token.run_sync_soon(trio.lowlevel.reschedule, waiter, outcome.Value(result))
 
         def start() -> None:
-            task = self.loop.create_task(coro)
-            started.append(task)
-            task.add_done_callback(lambda _: token.run_sync_soon(trio.lowlevel.reschedule, waiter))
+            started.append(self.loop.create_task(relay()))
 
         def cancel() -> None:
             if started:
@@ -89,13 +100,12 @@ class _LoopThread:
             self.loop.call_soon_threadsafe(cancel)
             return trio.lowlevel.Abort.FAILED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        task = started[0]
-        if task.cancelled() and cancelled:
-            cancelled[0]()
-        if task.cancelled():
+        result: outcome.Outcome[T] | None = await trio.lowlevel.wait_task_rescheduled(abort)
+        if result is None:  # cancelled in the loop: by the Trio task, or the loop's end
+            if cancelled:
+                cancelled[0]()
             raise StoreUnavailable("the PostgreSQL store is closed")
-        return task.result()
+        return result.unwrap()
 
     async def stop(self) -> None:
         """Stop the loop (tasks still in it are cancelled) and wait for the thread."""
@@ -122,6 +132,7 @@ class Bridge:
         # pool if unused.
         self._held: asyncpg.pool.PoolConnectionProxy | None = None
         self._held_release: asyncio.TimerHandle | None = None
+        self._held_used_at = 0.0  # the loop's clock
         self._releasing: set[asyncio.Task[None]] = set()
         self._held_busy = False
 
@@ -150,11 +161,8 @@ class Bridge:
     async def _with_held_connection(
         self, op: Callable[[asyncpg.Connection], Awaitable[T]], budget: float | None
     ) -> T:
-        if self._held_release is not None:
-            self._held_release.cancel()
-            self._held_release = None
         try:
-            async with asyncio.timeout(budget):
+            async with _timeout(budget):
                 con = self._held
                 if con is None or con.is_closed():
                     await self._release_held()
@@ -169,9 +177,10 @@ class Bridge:
                 _raise_as_store_error(exc)
             raise
         if self._idle_lifetime > 0:
-            self._held_release = asyncio.get_running_loop().call_later(
-                self._idle_lifetime, self._release_held_soon
-            )
+            loop = asyncio.get_running_loop()
+            self._held_used_at = loop.time()
+            if self._held_release is None:  # one timer, moved on when it fires
+                self._held_release = loop.call_later(self._idle_lifetime, self._release_if_idle)
         return result
 
     @property
@@ -180,9 +189,17 @@ class Bridge:
         pool), else 0."""
         return int(self._held is not None and not self._held_busy)
 
-    def _release_held_soon(self) -> None:
+    def _release_if_idle(self) -> None:
+        """Connection Idle Lifetime after the last batch (not after the first since the
+        timer was set): the kept connection goes back to the pool."""
+        loop = asyncio.get_running_loop()
+        unused_for = loop.time() - self._held_used_at
+        if self._held_busy or unused_for < self._idle_lifetime:
+            wait = self._idle_lifetime if self._held_busy else self._idle_lifetime - unused_for
+            self._held_release = loop.call_later(wait, self._release_if_idle)
+            return
         self._held_release = None
-        task = asyncio.get_running_loop().create_task(self._release_held())
+        task = loop.create_task(self._release_held())
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -197,7 +214,7 @@ class Bridge:
     ) -> T:
         try:
             async with (
-                asyncio.timeout(budget),
+                _timeout(budget),
                 self.pool.acquire(timeout=self._acquire_timeout) as con,
             ):
                 return await op(con)
@@ -244,6 +261,11 @@ async def open_bridge(params: PostgresParams) -> AsyncIterator[Bridge]:
     finally:
         with trio.CancelScope(shield=True):
             await loop.stop()
+
+
+def _timeout(budget: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """``asyncio.timeout(budget)``, or nothing to set up when there is no budget."""
+    return asyncio.timeout(budget) if budget is not None else contextlib.nullcontext()
 
 
 def _raise_as_store_error(exc: Exception) -> NoReturn:
