@@ -2,8 +2,9 @@
 
 Issue 4's targets, measured in one run on one (temporary) database:
 
-- **product**: :class:`~relate_smtp.storage.postgres.PostgresStore` (Trio, bridged by
-  trio-asyncio to asyncpg, group commit), driven by N Trio tasks calling ``save_email``;
+- **product**: :class:`~relate_smtp.storage.postgres.PostgresStore` (Trio, bridged to
+  asyncpg in an asyncio thread, group commit), driven by N Trio tasks calling
+  ``save_email``;
 - **baseline**: plain ``asyncio.run`` + an asyncpg pool of N connections, N tasks each
   storing the same rows with one transaction per message (``BEGIN``, ``INSERT`` the
   e-mail, ``executemany`` the recipients, ``COMMIT``) — the obvious asyncpg code. It is
@@ -439,7 +440,7 @@ def report(figures: Sequence[Figures], *, seconds: float, runs: int, slices: int
         )
     lines += [
         "",
-        "product: PostgresStore (Trio + trio-asyncio + asyncpg, group commit);"
+        "product: PostgresStore (Trio + asyncpg in an asyncio thread, group commit);"
         " asyncio: plain asyncio + asyncpg, one transaction per message;"
         " sqlite: the embedded store (reference). CPU is this process's (client side).",
     ]
