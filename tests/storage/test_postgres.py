@@ -815,6 +815,23 @@ async def test_the_kept_connection_goes_back_to_the_pool_after_its_idle_lifetime
             assert await _count(db, "Emails") == 2
 
 
+async def test_the_kept_connection_stays_while_batches_keep_coming() -> None:
+    """Connection Idle Lifetime counts from the last batch, not from the first."""
+    async with temporary_database("init") as db:
+        params = attrs.evolve(db.params, idle_lifetime=2)
+        async with open_postgres_store(params) as store:
+            await store.save_email(_message_to("x@remote.example"))
+            kept = store._bridge._held
+            for _ in range(5):  # 3 s of batches 0.6 s apart, longer than the idle lifetime
+                await trio.sleep(0.6)
+                await store.save_email(_message_to("x@remote.example"))
+                assert store._bridge._held is kept
+            with trio.fail_after(10):
+                while store._bridge.held_idle:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert await _count(db, "Emails") == 6
+
+
 # --- plans -------------------------------------------------------------------------------
 
 
