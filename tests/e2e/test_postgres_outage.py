@@ -117,7 +117,7 @@ async def kill_during_traffic(db: TempDatabase, progress: Progress) -> tuple[int
     for threshold, blocked in KILLS:
         await progress.reached(threshold)
         if blocked:
-            async with db.locked("EmailAttachments"):
+            async with db.locked("EmailRecipients"):
                 stuck = await db.sessions_waiting_on_locks(1)
                 killed += await db.terminate(stuck)
                 blocked_kills += 1
@@ -249,7 +249,7 @@ async def test_the_same_session_recovers_after_its_message_failed(tmp_path: Path
         ) as running:
             port = running.port("submission")
 
-            async with trio.open_nursery() as nursery, db.locked("EmailAttachments"):
+            async with trio.open_nursery() as nursery, db.locked("EmailRecipients"):
                 session = trio.Event()
                 codes: list[int] = []
 
