@@ -77,6 +77,8 @@ class _LoopThread:
                 result = outcome.Value(await coro)
             except asyncio.CancelledError:
                 result = None
+            except GeneratorExit:  # the coroutine closed unfinished: nothing to report
+                raise
             except BaseException as exc:  # re-raised in the Trio task
                 result = outcome.Error(exc)
             token.run_sync_soon(trio.lowlevel.reschedule, waiter, outcome.Value(result))
