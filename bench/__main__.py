@@ -500,10 +500,9 @@ def _run_group(
             measured = _one_round(scenario, round_, contenders, args, failures, workdir, postgres)
             for name, measurement in measured.items():
                 runs.setdefault((scenario.key, name), []).append(measurement)
-    for scenario in group:
-        for (key, name), measured_runs in runs.items():
-            if key == scenario.key:
-                results[(key, name)] = _median(scenario, measured_runs)
+    by_key = {scenario.key: scenario for scenario in group}
+    for (key, name), measured_runs in runs.items():
+        results[(key, name)] = _median(by_key[key], measured_runs)
 
 
 def _one_round(

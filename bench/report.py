@@ -238,11 +238,22 @@ def stored_table(scenarios: Sequence[Scenario], results: dict[tuple[str, str], M
     )
 
 
+def _figure(
+    results: dict[tuple[str, str], Measurement],
+    scenario: str,
+    server: str,
+    figure: Getter,
+) -> float | None:
+    """``figure`` of one server's measurement of ``scenario``; None when it was not
+    measured or failed."""
+    m = results.get((scenario, server))
+    return figure(m) if m and not m.failure else None
+
+
 def _one_connection_ratio(results: dict[tuple[str, str], Measurement]) -> str:
     """Issue 16: one connection stored in PostgreSQL against the same in SQLite."""
-    pg, sqlite = results.get(("pg1", PRODUCT)), results.get(("sqlite1", PRODUCT))
-    a = _msgs(pg) if pg and not pg.failure else None
-    b = _msgs(sqlite) if sqlite and not sqlite.failure else None
+    a = _figure(results, "pg1", PRODUCT, _msgs)
+    b = _figure(results, "sqlite1", PRODUCT, _msgs)
     if not a or not b:
         return ""
     verdict = "ok" if a / b >= PG_OVER_SQLITE else "MISS"
@@ -261,9 +272,8 @@ CPU_OVER_BARE = 250 / 188
 
 def cpu_against_bare(results: dict[tuple[str, str], Measurement]) -> str:
     """Issue 16's CPU figure against the room Trio leaves on this machine, this run."""
-    ours, bare = results.get(("c10", PRODUCT)), results.get(("c10", BARE))
-    a = _cpu_median(ours) if ours and not ours.failure else None
-    b = _cpu_median(bare) if bare and not bare.failure else None
+    a = _figure(results, "c10", PRODUCT, _cpu_median)
+    b = _figure(results, "c10", BARE, _cpu_median)
     if not a or not b:
         return ""
     verdict = "ok" if a / b <= CPU_OVER_BARE else "MISS"
