@@ -241,3 +241,61 @@ async def test_plain_stream_close_wakes_a_waiting_reader_and_reports_a_reset() -
         for _ in range(100):
             await mine.send_all(b"x" * 65536)
     mine.close()
+
+
+async def test_a_read_after_a_reply_yields_then_reads_what_arrived_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer that arrives while other sessions have their turn is read with no
+    wait on the descriptor (no epoll registration per command under load)."""
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    waits: list[int] = []
+    real_wait, real_checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
+
+    async def counting_wait(fd: int) -> None:
+        waits.append(fd)
+        await real_wait(fd)
+
+    async def turn_of_the_others() -> None:
+        await real_checkpoint()
+        right.sendall(b"MAIL FROM:<a@b>\r\n")  # the peer answered meanwhile
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", turn_of_the_others)
+    with trio.fail_after(5):
+        received = await streams.receive_plain(left.fileno(), 1024, replied=True)
+    assert received == b"MAIL FROM:<a@b>\r\n"
+    assert waits == []
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", real_checkpoint)
+
+    # Nothing arrives: the read waits for the answer.
+    async with trio.open_nursery() as nursery:
+
+        async def answer() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # the read is waiting
+            right.sendall(b"QUIT\r\n")
+
+        nursery.start_soon(answer)
+        assert await streams.receive_plain(left.fileno(), 1024, replied=True) == b"QUIT\r\n"
+    assert waits == [left.fileno()]
+    left.close()
+    right.close()
+
+
+async def test_a_read_after_a_reply_is_a_checkpoint_even_with_input_waiting() -> None:
+    """A session answering pipelined commands still gives the others their turn; a
+    cancelled read raises before reading."""
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    right.sendall(b"RSET\r\n")
+    with trio.testing.assert_checkpoints():
+        assert await streams.receive_plain(left.fileno(), 1024, replied=True) == b"RSET\r\n"
+    right.sendall(b"NOOP\r\n")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await streams.receive_plain(left.fileno(), 1024, replied=True)
+    assert scope.cancelled_caught
+    assert left.recv(1024) == b"NOOP\r\n"  # not consumed by the cancelled read
+    left.close()
+    right.close()
