@@ -348,7 +348,11 @@ class Session:
         self._waiting = "receive"
         data: bytes | bytearray
         if self._plain_fd >= 0:
-            data = await streams.receive_plain(self._plain_fd, RECEIVE_SIZE, replied=replied)
+            watch = self._deadlines
+            others = watch is None or len(watch) > 1  # the other sessions of this run
+            data = await streams.receive_plain(
+                self._plain_fd, RECEIVE_SIZE, replied=replied, others=others
+            )
         else:
             data = await self._stream.receive_some(RECEIVE_SIZE)
         self._waiting = None

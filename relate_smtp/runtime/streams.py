@@ -160,36 +160,46 @@ async def linger(stream: trio.abc.Stream, *, after_quit: bool = False) -> None:
             return
 
 
-async def receive_plain(fd: int, max_bytes: int, *, replied: bool = False) -> bytes:
+async def receive_plain(
+    fd: int, max_bytes: int, *, replied: bool = False, others: bool = True
+) -> bytes:
     """``SocketStream.receive_some`` on a plain TCP socket's descriptor, with its
     checkpoints and errors, without its layers of context managers (a read per command).
 
-    ``replied``: a reply was just written, so the peer's answer cannot be here yet. The
-    task yields first and reads after the other sessions' turns: under load the answer
-    has arrived by then, and the read needs no wait on the descriptor (an ``epoll_ctl``
-    and a scheduler round trip through the I/O manager per command otherwise). Only
-    when nothing arrived does it wait.
+    ``replied``: a reply was just written, so the peer's answer cannot be here yet.
+    With ``others`` (other sessions are open) the task yields first and reads after
+    their turns: under load the answer has arrived by then, and the read needs no wait
+    on the descriptor (an ``epoll_ctl`` and a round trip through the I/O manager per
+    command otherwise). A session alone waits at once: nothing would run meanwhile,
+    and the read could only fail.
     """
     if replied:
+        if not others:
+            await trio.lowlevel.wait_readable(fd)
+            return await _read_when_ready(fd, max_bytes)
         await trio.lowlevel.checkpoint()
     else:
         await trio.lowlevel.checkpoint_if_cancelled()
     try:
         data = os.read(fd, max_bytes)
     except BlockingIOError:
-        pass
+        await trio.lowlevel.wait_readable(fd)
+        return await _read_when_ready(fd, max_bytes)
     except OSError as exc:
         raise _stream_error(exc) from exc
-    else:
-        if not replied:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+    if not replied:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return data
+
+
+async def _read_when_ready(fd: int, max_bytes: int) -> bytes:
+    """The read after a wait said the descriptor is readable (again on a spurious
+    wake-up)."""
     while True:
-        await trio.lowlevel.wait_readable(fd)
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
-            continue
+            await trio.lowlevel.wait_readable(fd)
         except OSError as exc:
             raise _stream_error(exc) from exc
 

@@ -283,6 +283,40 @@ async def test_a_read_after_a_reply_yields_then_reads_what_arrived_meanwhile(
     right.close()
 
 
+async def test_a_session_alone_waits_for_the_answer_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no other session open nothing would run during a yield: the read waits on
+    the descriptor straight away instead of failing first."""
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    events: list[str] = []
+    real_wait, real_read = trio.lowlevel.wait_readable, streams.os.read
+
+    async def logged_wait(fd: int) -> None:
+        events.append("wait")
+        await real_wait(fd)
+
+    def logged_read(fd: int, size: int) -> bytes:
+        events.append("read")
+        return real_read(fd, size)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", logged_wait)
+    monkeypatch.setattr(streams.os, "read", logged_read)
+    async with trio.open_nursery() as nursery:
+
+        async def answer() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            right.sendall(b"DATA\r\n")
+
+        nursery.start_soon(answer)
+        received = await streams.receive_plain(left.fileno(), 1024, replied=True, others=False)
+    assert received == b"DATA\r\n"
+    assert events == ["wait", "read"]
+    left.close()
+    right.close()
+
+
 async def test_a_read_after_a_reply_is_a_checkpoint_even_with_input_waiting() -> None:
     """A session answering pipelined commands still gives the others their turn; a
     cancelled read raises before reading."""
