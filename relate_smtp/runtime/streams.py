@@ -49,10 +49,12 @@ class PlainStream(trio.abc.HalfCloseableStream):
         while view:
             try:
                 view = view[os.write(self.fd, view) :]
+                continue
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
+                pass  # waited for outside the handler, which would keep the exception
             except OSError as exc:
                 raise _stream_error(exc) from exc
+            await trio.lowlevel.wait_writable(self.fd)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -183,13 +185,15 @@ async def receive_plain(
     try:
         data = os.read(fd, max_bytes)
     except BlockingIOError:
-        await trio.lowlevel.wait_readable(fd)
-        return await _read_when_ready(fd, max_bytes)
+        pass  # waited for below, outside the handler: an idle session keeps no exception
     except OSError as exc:
         raise _stream_error(exc) from exc
-    if not replied:
-        await trio.lowlevel.cancel_shielded_checkpoint()
-    return data
+    else:
+        if not replied:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+    await trio.lowlevel.wait_readable(fd)
+    return await _read_when_ready(fd, max_bytes)
 
 
 async def _read_when_ready(fd: int, max_bytes: int) -> bytes:
@@ -199,9 +203,10 @@ async def _read_when_ready(fd: int, max_bytes: int) -> bytes:
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
+            pass
         except OSError as exc:
             raise _stream_error(exc) from exc
+        await trio.lowlevel.wait_readable(fd)
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
