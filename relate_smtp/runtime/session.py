@@ -349,7 +349,8 @@ class Session:
         data: bytes | bytearray
         if self._plain_fd >= 0:
             watch = self._deadlines
-            others = watch is None or len(watch) > 1  # the other sessions of this run
+            assert watch is not None
+            others = len(watch) > 1  # every session of this run is watched there
             data = await streams.receive_plain(
                 self._plain_fd, RECEIVE_SIZE, replied=replied, others=others
             )

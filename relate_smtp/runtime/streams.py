@@ -177,8 +177,7 @@ async def receive_plain(
     """
     if replied:
         if not others:
-            await trio.lowlevel.wait_readable(fd)
-            return await _read_when_ready(fd, max_bytes)
+            return await _wait_and_read(fd, max_bytes)
         await trio.lowlevel.checkpoint()
     else:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -192,21 +191,20 @@ async def receive_plain(
         if not replied:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
-    await trio.lowlevel.wait_readable(fd)
-    return await _read_when_ready(fd, max_bytes)
+    return await _wait_and_read(fd, max_bytes)
 
 
-async def _read_when_ready(fd: int, max_bytes: int) -> bytes:
-    """The read after a wait said the descriptor is readable (again on a spurious
+async def _wait_and_read(fd: int, max_bytes: int) -> bytes:
+    """Wait until the descriptor is readable, then read (again after a spurious
     wake-up)."""
     while True:
+        await trio.lowlevel.wait_readable(fd)
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
             pass
         except OSError as exc:
             raise _stream_error(exc) from exc
-        await trio.lowlevel.wait_readable(fd)
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
